@@ -1,0 +1,219 @@
+"""Train a VAE on MNIST and measure it: ELBO, importance-sampled log p(x), pictures.
+
+Run ``python examples/vae_mnist.py`` (defaults finish in a few minutes on a 2-core CPU)
+or ``python examples/vae_mnist.py --help`` for the options. Writes to ``--out DIR``
+(default ``runs/<timestamp>/``): ``metrics.json``, ``samples.png``,
+``reconstructions.png``, ``curves.png``, ``manifold.png`` (when ``--latent-dim 2``),
+``metrics.jsonl`` and the checkpoint ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import vi_lab
+from vi_lab import evaluate, viz
+from vi_lab.data import BINARIZATIONS, DATASETS, binarize
+from vi_lab.guides import GUIDES
+from vi_lab.models import LIKELIHOODS
+from vi_lab.nets import ARCHS
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one run depends on; written into metrics.json."""
+
+    epochs: int = 10
+    latent_dim: int = 20
+    hidden: tuple[int, ...] = (400,)
+    arch: str = "mlp"
+    likelihood: str = "bernoulli"
+    binarize: str | None = None  # None: dynamic for bernoulli, none otherwise
+    beta: float = 1.0
+    guide: str = "mean_field"
+    loss: str = "trace"
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    device: str | None = None
+    seed: int = 0
+    batch_size: int = 128
+    lr: float = 1e-3
+    train_size: int | None = None
+    eval_size: int = 1000
+    eval_samples: int = 1000
+    out: str | None = None
+    resume: str | None = None
+    threads: int | None = None
+    progress: bool = True
+
+
+def add_common_args(p: argparse.ArgumentParser, defaults: Config = Config()) -> None:
+    """Data, size and device flags shared by every example."""
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs (default %(default)s)")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default=defaults.dataset)
+    p.add_argument("--data-dir", default=None, help="directory with the IDX files (else VI_LAB_DATA, ./data, ...)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--train-size", type=int, default=None, help="use the first N training images")
+    p.add_argument("--eval-size", type=int, default=defaults.eval_size,
+                   help="evaluate on the first N test images (default %(default)s)")
+    p.add_argument("--eval-samples", type=int, default=defaults.eval_samples,
+                   help="K importance samples for log p(x) (default %(default)s)")
+    p.add_argument("--out", default=None, help="output directory (default runs/<timestamp>)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--latent-dim", type=int, default=Config.latent_dim)
+    p.add_argument("--hidden", type=int, nargs="+", default=list(Config.hidden), help="hidden widths, e.g. 400 or 500 500")
+    p.add_argument("--arch", choices=ARCHS, default=Config.arch)
+    p.add_argument("--likelihood", choices=sorted(LIKELIHOODS), default=Config.likelihood)
+    p.add_argument("--binarize", choices=BINARIZATIONS, default=None,
+                   help="default: dynamic for the bernoulli likelihood, none otherwise")
+    p.add_argument("--beta", type=float, default=Config.beta, help="weight of the KL term (beta-VAE)")
+    p.add_argument("--guide", default=Config.guide, help=f"guide family: {', '.join(sorted(GUIDES))}")
+    p.add_argument("--loss", choices=sorted(vi_lab.infer.LOSSES), default=Config.loss)
+    p.add_argument("--batch-size", type=int, default=Config.batch_size)
+    p.add_argument("--lr", type=float, default=Config.lr)
+    p.add_argument("--resume", default=None, help="a run directory (or its last.pt) to continue")
+    a = p.parse_args(argv)
+    kw = vars(a)
+    kw["hidden"] = tuple(kw["hidden"])
+    cfg = Config(**kw)
+    if cfg.guide not in GUIDES:
+        p.error(f"unknown guide {cfg.guide!r}; valid names: {', '.join(sorted(GUIDES))}")
+    return cfg
+
+
+def _binarization(cfg: Config) -> str:
+    if cfg.binarize is not None:
+        return cfg.binarize
+    return "dynamic" if cfg.likelihood == "bernoulli" else "none"
+
+
+def _out_dir(cfg: Config) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    if cfg.resume:
+        r = Path(cfg.resume)
+        return r.parent if r.is_file() else r
+    return Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def build(cfg: Config) -> tuple[vi_lab.VAE, torch.nn.Module]:
+    """The model/guide pair a config describes."""
+    model = vi_lab.VAE(cfg.latent_dim, list(cfg.hidden)[::-1], arch=cfg.arch, likelihood=cfg.likelihood, beta=cfg.beta)
+    guide = vi_lab.make_guide(cfg.guide, latent_dim=cfg.latent_dim, hidden=list(cfg.hidden), arch=cfg.arch)
+    return model, guide
+
+
+def load_data(cfg: Config, device: torch.device):
+    """Training tensor, a fixed evaluation tensor, and the source string."""
+    train = vi_lab.load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, device=device)
+    test = vi_lab.load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, device=device)
+    if cfg.train_size is not None:
+        train = train.subset(min(cfg.train_size, len(train)))
+    test = test.subset(min(cfg.eval_size, len(test)))
+    mode = _binarization(cfg)
+    x_train = train.images
+    if mode in ("static", "threshold"):
+        x_train = binarize(x_train, mode, seed=cfg.seed)
+    # held-out data is fixed: a static sample for the dynamic mode (as in Burda et al.)
+    x_test = test.images if mode == "none" else binarize(
+        test.images, "static" if mode == "dynamic" else mode, seed=cfg.seed + 1)
+    return x_train, x_test, mode, train.source
+
+
+def format_table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def main(cfg: Config) -> dict:
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    device = vi_lab.pick_device(cfg.device)
+    out = _out_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    x_train, x_test, mode, source = load_data(cfg, device)
+    model, guide = build(cfg)
+
+    result = vi_lab.fit(
+        model, guide, x_train, loss=cfg.loss, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+        device=device, seed=cfg.seed, checkpoint_dir=out, resume=_resume_path(cfg) if cfg.resume else False,
+        progress=cfg.progress, binarize="dynamic" if mode == "dynamic" else "none", eval_data=x_test,
+    )
+
+    t0 = time.perf_counter()
+    terms = evaluate.elbo_terms(model, guide, x_test, num_samples=1)
+    ll = evaluate.log_likelihood(model, guide, x_test, num_samples=cfg.eval_samples)
+    eval_seconds = time.perf_counter() - t0
+    sem = (ll.std() / len(ll) ** 0.5).item() if len(ll) > 1 else float("nan")
+    metrics = {
+        "train_elbo": result.train_elbo,
+        "test_elbo": terms["elbo"].mean().item(),
+        "test_log_likelihood": ll.mean().item(),
+        "test_log_likelihood_sem": sem,
+        "test_reconstruction": terms["reconstruction"].mean().item(),
+        "test_kl": terms["kl"].mean().item(),
+        "eval_samples": cfg.eval_samples,
+        "eval_size": len(x_test),
+        "eval_seconds": eval_seconds,
+        "epochs": len(result.history),
+        "seconds_per_epoch": result.seconds_per_epoch,
+        "train_size": len(x_train),
+        "binarization": mode,
+        "dataset": cfg.dataset,
+        "data_source": source,
+        "device": result.device,
+        "guide": cfg.guide,
+        "units": "nats per datapoint (higher is better)",
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
+        "config": dataclasses.asdict(cfg),
+        "history": result.history,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    viz.save_samples(model, out / "samples.png")
+    viz.save_reconstructions(model, guide, x_test, out / "reconstructions.png")
+    viz.save_curves(result.history, out / "curves.png",
+                    title=f"VAE on {cfg.dataset} ({cfg.guide} guide, D={cfg.latent_dim})")
+    if cfg.latent_dim == 2:
+        viz.save_manifold(model, out / "manifold.png")
+
+    print()
+    print(format_table([
+        ("metric (nats per datapoint)", "value"),
+        ("train ELBO (last epoch)", f"{metrics['train_elbo']:.2f}"),
+        (f"test ELBO ({len(x_test)} images)", f"{metrics['test_elbo']:.2f}"),
+        (f"test log-likelihood (K={cfg.eval_samples})", f"{metrics['test_log_likelihood']:.2f} +/- {sem:.2f}"),
+        ("test reconstruction E_q[log p(x|z)]", f"{metrics['test_reconstruction']:.2f}"),
+        ("test KL(q(z|x) || p(z))", f"{metrics['test_kl']:.2f}"),
+        ("seconds per epoch", f"{metrics['seconds_per_epoch']:.1f} ({result.device})"),
+    ]))
+    print(f"\ndata: {source}; wrote {out}/ (metrics.json, samples.png, reconstructions.png, curves.png"
+          f"{', manifold.png' if cfg.latent_dim == 2 else ''}, last.pt)")
+    return metrics
+
+
+def _resume_path(cfg: Config) -> Path:
+    r = Path(cfg.resume)
+    return r if r.is_file() else r / vi_lab.infer.CHECKPOINT_NAME
+
+
+if __name__ == "__main__":
+    main(parse_args())

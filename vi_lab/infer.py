@@ -1,0 +1,331 @@
+"""fit(): stochastic variational inference with Pyro's ELBOs, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pyro
+import pyro.optim
+import pyro.poutine as poutine
+import torch
+from pyro.infer import SVI, ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.poutine.messenger import Messenger
+from tqdm.auto import tqdm
+
+from vi_lab import checkpoint as ckpt
+from vi_lab import evaluate
+from vi_lab.data import DeviceBatches, binarize as binarize_fn
+
+#: loss names accepted by :func:`fit`; any ``pyro.infer.ELBO`` instance is accepted too
+LOSSES: dict[str, Callable[[int], ELBO]] = {
+    "trace": lambda n: Trace_ELBO(num_particles=n, vectorize_particles=n > 1),
+    "meanfield": lambda n: TraceMeanField_ELBO(num_particles=n, vectorize_particles=n > 1),
+    "tracegraph": lambda n: TraceGraph_ELBO(num_particles=n, vectorize_particles=n > 1),
+}
+
+CHECKPOINT_NAME = "last.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; carries where, and which checkpoint is still good."""
+
+    def __init__(self, loss: float, epoch: int, step: int, steps: int, checkpoint: Path | None) -> None:
+        where = f"epoch {epoch}, step {step} of {steps}"
+        if checkpoint is not None and checkpoint.exists():
+            kept = f"the last good checkpoint is intact at {checkpoint}; resume from it with a lower lr"
+        else:
+            kept = "no checkpoint was written (pass checkpoint_dir= to keep one)"
+        super().__init__(f"loss became {loss} at {where}; training stopped, {kept}")
+        self.loss, self.epoch, self.step, self.checkpoint = loss, epoch, step, checkpoint
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    :ivar history: one dict per epoch: ``epoch``, ``train_elbo`` (nats per datapoint,
+        the training objective averaged over the epoch), ``seconds``, and ``test_elbo``
+        when ``eval_data`` was given.
+    :ivar device: where training ran.
+    :ivar checkpoint: path of the last checkpoint, if any.
+    :ivar metrics_path: the JSON-lines file of per-epoch metrics, if any.
+    """
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    device: str = "cpu"
+    checkpoint: Path | None = None
+    metrics_path: Path | None = None
+
+    @property
+    def train_elbo(self) -> float:
+        return self.history[-1]["train_elbo"] if self.history else float("nan")
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        secs = [h["seconds"] for h in self.history]
+        return sum(secs) / len(secs) if secs else float("nan")
+
+
+class _SiteScale(Messenger):
+    """Multiply the scale of named sample sites (beta of a beta-VAE on ``z``)."""
+
+    def __init__(self, scales: dict[str, float]) -> None:
+        super().__init__()
+        self.scales = scales
+
+    def _process_message(self, msg: dict) -> None:
+        if msg["type"] == "sample" and msg["name"] in self.scales:
+            msg["scale"] = msg["scale"] * self.scales[msg["name"]]
+
+
+def training_objective(fn: Callable, site_scales: dict[str, float] | None = None) -> Callable:
+    """Wrap a model or guide so its loss is per datapoint and declared site scales apply.
+
+    Scaling every site by ``1 / batch_size`` makes Pyro's loss the mean -ELBO of the
+    batch, so the number :func:`fit` reports is in nats per datapoint whatever the
+    batch size; ``site_scales`` (from ``model.site_scales``) go to model and guide alike
+    so that a scaled latent site scales the whole KL term.
+    """
+    scales = dict(site_scales or {})
+
+    def wrapped(x, *args, **kwargs):
+        with poutine.scale(scale=1.0 / x.shape[0]), _SiteScale(scales):
+            return fn(x, *args, **kwargs)
+
+    return wrapped
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``cuda`` when available and nothing else is asked for, else ``cpu``.
+
+    :param device: ``None`` or ``"auto"`` to choose, or an explicit device.
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no GPU; use device='cpu' or 'auto'")
+    return device
+
+
+def make_loss(loss: str | ELBO, num_particles: int = 1) -> ELBO:
+    """Resolve a loss name in :data:`LOSSES` (or pass an ELBO instance through)."""
+    if isinstance(loss, ELBO):
+        return loss
+    try:
+        return LOSSES[loss](num_particles)
+    except KeyError:
+        raise ValueError(f"unknown loss {loss!r}; valid: {sorted(LOSSES)} or a pyro.infer.ELBO instance") from None
+
+
+def _as_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Accept a tensor, a vi_lab Dataset (images), or an ``(x, extra)`` pair."""
+    if hasattr(data, "images"):
+        return data.images, None
+    if isinstance(data, (tuple, list)):
+        if len(data) != 2:
+            raise ValueError("data as a tuple must be (x, extra), e.g. (images, labels)")
+        return data[0], data[1]
+    if torch.is_tensor(data):
+        return data, None
+    raise TypeError(f"data must be a tensor, a vi_lab Dataset or an (x, extra) pair, got {type(data).__name__}")
+
+
+def _modules(*objs: Any) -> list[torch.nn.Module]:
+    return [o for o in objs if isinstance(o, torch.nn.Module)]
+
+
+def _state(model, guide, optim, epoch: int, history: list) -> dict[str, Any]:
+    store = pyro.get_param_store()
+    module_names = {name for name in store.keys() if "$$$" in name}
+    # params registered by pyro.module live in the modules' state dicts; the rest are pyro.param
+    params = {k: v for k, v in store.get_state()["params"].items() if k not in module_names}
+    return {
+        "epoch": epoch,
+        "history": history,
+        "model": model.state_dict() if isinstance(model, torch.nn.Module) else None,
+        "guide": guide.state_dict() if isinstance(guide, torch.nn.Module) else None,
+        "param_store": {"params": params, "constraints": {k: store._constraints[k] for k in params}},
+        "optim": optim.get_state(),
+        "rng": ckpt.rng_state(),
+    }
+
+
+def _restore(state: dict[str, Any], model, guide, optim, path: Path) -> None:
+    for label, obj in (("model", model), ("guide", guide)):
+        if state.get(label) is not None and isinstance(obj, torch.nn.Module):
+            try:
+                obj.load_state_dict(state[label])
+            except RuntimeError as err:
+                raise ValueError(f"checkpoint {path} was written for a different {label}: {err}") from None
+    pyro.clear_param_store()
+    pyro.get_param_store().set_state(state["param_store"])
+    optim.set_state(state["optim"])
+    ckpt.set_rng_state(state["rng"])
+
+
+def fit(
+    model: Callable,
+    guide: Callable,
+    data: Any,
+    *,
+    loss: str | ELBO = "trace",
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool | str | Path = False,
+    progress: bool = True,
+    binarize: str = "none",
+    eval_data: Any = None,
+    eval_samples: int = 1,
+    num_particles: int = 1,
+    optimizer: pyro.optim.PyroOptim | None = None,
+    metrics_path: str | Path | None = None,
+) -> FitResult:
+    """Train a model/guide pair by stochastic variational inference.
+
+    Minibatches are index slices of a device-side permutation of ``data``; each step
+    runs Pyro's ``SVI.step`` on the per-datapoint objective (see
+    :func:`training_objective`). After every epoch the metrics go to a JSON-lines file
+    and, with ``checkpoint_dir``, a checkpoint (model, guide, free Pyro params,
+    optimizer and RNG state) is written atomically, so ``resume=True`` continues exactly
+    where it stopped: the resumed run's next loss equals the uninterrupted run's.
+
+    :param model: Pyro model ``model(x[, extra])`` (an ``nn.Module`` or any callable using
+        ``pyro.module``/``pyro.param``).
+    :param guide: Pyro guide with the model's arguments.
+    :param data: tensor ``(N, ...)``, a :class:`vi_lab.data.Dataset`, or a pair
+        ``(x, extra)`` whose ``extra`` (e.g. labels) is passed as the second argument.
+    :param loss: ``"trace"`` (Trace_ELBO), ``"meanfield"`` (TraceMeanField_ELBO, analytic
+        KL where available), ``"tracegraph"``, or any ``pyro.infer.ELBO`` instance.
+    :param epochs: total epochs (a resumed run continues up to this number).
+    :param batch_size: datapoints per step.
+    :param lr: Adam learning rate (ignored when ``optimizer`` is given).
+    :param device: ``None`` picks ``cuda`` when available, else ``cpu``.
+    :param seed: seeds Pyro/torch/NumPy/random at the start of a fresh run.
+    :param checkpoint_dir: where ``last.pt`` and ``metrics.jsonl`` go.
+    :param resume: ``True`` to continue from ``checkpoint_dir/last.pt``, or a checkpoint path.
+    :param progress: show a tqdm bar with the running ELBO.
+    :param binarize: a mode of :func:`vi_lab.data.binarize` applied per batch
+        (``"dynamic"`` draws fresh binary images every epoch).
+    :param eval_data: held-out data; its ELBO (true ELBO, ``eval_samples`` draws) is
+        recorded as ``test_elbo`` after each epoch.
+    :param num_particles: ELBO particles per step (vectorized).
+    :param optimizer: a Pyro optimizer instead of ``Adam(lr)``.
+    :param metrics_path: JSON-lines file (default ``checkpoint_dir/metrics.jsonl``).
+    :returns: :class:`FitResult`.
+    :raises TrainingDiverged: when the loss is NaN or infinite; the last checkpoint
+        written before stays intact.
+
+    Example::
+
+        model, guide = VAE(latent_dim=20), make_guide("mean_field", latent_dim=20)
+        result = fit(model, guide, x_train, epochs=10, batch_size=128, lr=1e-3,
+                     binarize="dynamic", checkpoint_dir="runs/vae")
+        print(result.train_elbo)  # nats per datapoint
+    """
+    if not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if optimizer is None and not (lr >= 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    dev = pick_device(device)
+    x, extra = _as_tensors(data)
+    x = x.to(dev)
+    extra = extra.to(dev) if extra is not None else None
+    for m in _modules(model, guide):
+        m.to(dev)
+    eval_x, eval_extra = _as_tensors(eval_data) if eval_data is not None else (None, None)
+    if eval_x is not None:
+        eval_x = eval_x.to(dev)
+        eval_extra = eval_extra.to(dev) if eval_extra is not None else None
+
+    transform = None if binarize == "none" else (lambda b: binarize_fn(b, binarize))
+    if binarize not in ("none",):
+        binarize_fn(x[:1], binarize)  # validate the mode before training starts
+    batches = DeviceBatches(x, batch_size, shuffle=True, transform=transform, extra=extra)
+
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    ckpt_path = ckpt_dir / CHECKPOINT_NAME if ckpt_dir is not None else None
+    if metrics_path is None and ckpt_dir is not None:
+        metrics_path = ckpt_dir / METRICS_NAME
+    metrics_path = Path(metrics_path) if metrics_path is not None else None
+
+    optim = optimizer if optimizer is not None else pyro.optim.Adam({"lr": lr})
+    svi = SVI(
+        training_objective(model, getattr(model, "site_scales", None)),
+        training_objective(guide, getattr(model, "site_scales", None)),
+        optim,
+        make_loss(loss, num_particles),
+    )
+
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if resume:
+        path = ckpt_path if resume is True else Path(resume)
+        if path is None:
+            raise ValueError("resume=True needs checkpoint_dir (or pass the checkpoint's path as resume=)")
+        state = ckpt.load(path, map_location=dev)
+        _restore(state, model, guide, optim, path)
+        start_epoch, history = state["epoch"], list(state["history"])
+    else:
+        pyro.set_rng_seed(seed)
+        pyro.clear_param_store()
+        if metrics_path is not None and metrics_path.exists():
+            metrics_path.unlink()  # a fresh run starts a fresh log
+
+    for epoch in range(start_epoch + 1, epochs + 1):
+        for m in _modules(model, guide):
+            m.train()
+        t0 = time.perf_counter()
+        total, seen = 0.0, 0
+        bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
+        for step, batch in enumerate(bar, start=1):
+            args = batch if isinstance(batch, tuple) else (batch,)
+            step_loss = svi.step(*args)
+            if not math.isfinite(step_loss):
+                raise TrainingDiverged(step_loss, epoch, step, len(batches), ckpt_path)
+            n = args[0].shape[0]
+            total, seen = total - step_loss * n, seen + n
+            bar.set_postfix(elbo=f"{total / seen:.2f}")
+        record: dict[str, Any] = {"epoch": epoch, "train_elbo": total / seen,
+                                  "seconds": time.perf_counter() - t0}
+        if eval_x is not None:
+            for m in _modules(model, guide):
+                m.eval()
+            eval_args = (eval_extra,) if eval_extra is not None else ()
+            record["test_elbo"] = evaluate.elbo(
+                model, guide, _eval_binarized(eval_x, binarize), *eval_args, num_samples=eval_samples
+            ).mean().item()
+        history.append(record)
+        if metrics_path is not None:
+            metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if ckpt_path is not None:
+            ckpt.save_atomic(_state(model, guide, optim, epoch, history), ckpt_path)
+        if progress:
+            tail = f", test ELBO {record['test_elbo']:.2f}" if "test_elbo" in record else ""
+            tqdm.write(f"epoch {epoch}: train ELBO {record['train_elbo']:.2f} nats/datapoint{tail} "
+                       f"({record['seconds']:.1f} s)")
+    for m in _modules(model, guide):
+        m.eval()
+    return FitResult(history=history, device=str(dev), checkpoint=ckpt_path, metrics_path=metrics_path)
+
+
+def _eval_binarized(x: torch.Tensor, mode: str) -> torch.Tensor:
+    # held-out data must be fixed across epochs to compare them: a dynamic
+    # binarization is replaced by a static one for evaluation
+    if mode == "none":
+        return x
+    return binarize_fn(x, "static" if mode == "dynamic" else mode)
