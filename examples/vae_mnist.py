@@ -12,10 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
-import json
-import logging
-import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +19,8 @@ from pathlib import Path
 import torch
 
 import vi_lab
-from vi_lab import evaluate, viz
-from vi_lab.data import BINARIZATIONS, DATASETS, binarize
+from vi_lab import evaluate, runs, viz
+from vi_lab.data import BINARIZATIONS
 from vi_lab.guides import GUIDES
 from vi_lab.models import LIKELIHOODS
 from vi_lab.nets import ARCHS
@@ -58,26 +54,9 @@ class Config:
     progress: bool = True
 
 
-def add_common_args(p: argparse.ArgumentParser, defaults: Config = Config()) -> None:
-    """Data, size and device flags shared by every example."""
-    p.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs (default %(default)s)")
-    p.add_argument("--dataset", choices=sorted(DATASETS), default=defaults.dataset)
-    p.add_argument("--data-dir", default=None, help="directory with the IDX files (else VI_LAB_DATA, ./data, ...)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--train-size", type=int, default=None, help="use the first N training images")
-    p.add_argument("--eval-size", type=int, default=defaults.eval_size,
-                   help="evaluate on the first N test images (default %(default)s)")
-    p.add_argument("--eval-samples", type=int, default=defaults.eval_samples,
-                   help="K importance samples for log p(x) (default %(default)s)")
-    p.add_argument("--out", default=None, help="output directory (default runs/<timestamp>)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-
-
 def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
+    runs.add_common_args(p)
     p.add_argument("--latent-dim", type=int, default=Config.latent_dim)
     p.add_argument("--hidden", type=int, nargs="+", default=list(Config.hidden), help="hidden widths, e.g. 400 or 500 500")
     p.add_argument("--arch", choices=ARCHS, default=Config.arch)
@@ -99,21 +78,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return cfg
 
 
-def _binarization(cfg: Config) -> str:
-    if cfg.binarize is not None:
-        return cfg.binarize
-    return "dynamic" if cfg.likelihood == "bernoulli" else "none"
-
-
-def _out_dir(cfg: Config) -> Path:
-    if cfg.out:
-        return Path(cfg.out)
-    if cfg.resume:
-        r = Path(cfg.resume)
-        return r.parent if r.is_file() else r
-    return Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
 def build(cfg: Config) -> tuple[vi_lab.VAE, torch.nn.Module]:
     """The model/guide pair a config describes."""
     model = vi_lab.VAE(cfg.latent_dim, list(cfg.hidden)[::-1], arch=cfg.arch, likelihood=cfg.likelihood, beta=cfg.beta)
@@ -121,41 +85,19 @@ def build(cfg: Config) -> tuple[vi_lab.VAE, torch.nn.Module]:
     return model, guide
 
 
-def load_data(cfg: Config, device: torch.device):
-    """Training tensor, a fixed evaluation tensor, and the source string."""
-    train = vi_lab.load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, device=device)
-    test = vi_lab.load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, device=device)
-    if cfg.train_size is not None:
-        train = train.subset(min(cfg.train_size, len(train)))
-    test = test.subset(min(cfg.eval_size, len(test)))
-    mode = _binarization(cfg)
-    x_train = train.images
-    if mode in ("static", "threshold"):
-        x_train = binarize(x_train, mode, seed=cfg.seed)
-    # held-out data is fixed: a static sample for the dynamic mode (as in Burda et al.)
-    x_test = test.images if mode == "none" else binarize(
-        test.images, "static" if mode == "dynamic" else mode, seed=cfg.seed + 1)
-    return x_train, x_test, mode, train.source
-
-
-def format_table(rows: list[tuple[str, str]]) -> str:
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
-
-
 def main(cfg: Config) -> dict:
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    device = vi_lab.pick_device(cfg.device)
-    out = _out_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    x_train, x_test, mode, source = load_data(cfg, device)
+    device = runs.setup(cfg.threads, cfg.device)
+    out = runs.out_dir(cfg.out, cfg.resume)
+    mode = cfg.binarize or runs.default_binarization(cfg.likelihood)
+    data = runs.load_data(cfg.dataset, data_dir=cfg.data_dir, device=device, train_size=cfg.train_size,
+                          eval_size=cfg.eval_size, binarization=mode, seed=cfg.seed)
+    x_train, x_test, source = data.x_train, data.x_test, data.source
     model, guide = build(cfg)
 
     result = vi_lab.fit(
         model, guide, x_train, loss=cfg.loss, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
         device=device, seed=cfg.seed, checkpoint_dir=out, resume=_resume_path(cfg) if cfg.resume else False,
-        progress=cfg.progress, binarize="dynamic" if mode == "dynamic" else "none", eval_data=x_test,
+        progress=cfg.progress, binarize=data.fit_binarize, eval_data=x_test,
     )
 
     t0 = time.perf_counter()
@@ -183,11 +125,11 @@ def main(cfg: Config) -> dict:
         "guide": cfg.guide,
         "units": "nats per datapoint (higher is better)",
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
+        "command": runs.command_line(),
         "config": dataclasses.asdict(cfg),
         "history": result.history,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    runs.write_json(out / "metrics.json", metrics)
     viz.save_samples(model, out / "samples.png")
     viz.save_reconstructions(model, guide, x_test, out / "reconstructions.png")
     viz.save_curves(result.history, out / "curves.png",
@@ -196,7 +138,7 @@ def main(cfg: Config) -> dict:
         viz.save_manifold(model, out / "manifold.png")
 
     print()
-    print(format_table([
+    print(runs.format_table([
         ("metric (nats per datapoint)", "value"),
         ("train ELBO (last epoch)", f"{metrics['train_elbo']:.2f}"),
         (f"test ELBO ({len(x_test)} images)", f"{metrics['test_elbo']:.2f}"),

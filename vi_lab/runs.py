@@ -1,0 +1,146 @@
+"""Plumbing shared by the examples and the CLI: common flags, data preparation, output.
+
+Every example accepts the same data, size and device flags (:func:`add_common_args`)
+and prepares data the same way (:func:`load_data`), so each runs in seconds with tiny
+settings and in minutes with the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vi_lab.data import DATASETS, binarize, load_dataset
+from vi_lab.infer import pick_device
+
+
+@dataclass(frozen=True)
+class RunData:
+    """Data of one run, on the training device.
+
+    ``x_train`` is binarized already for ``static``/``threshold`` and raw for
+    ``dynamic`` (fit() draws a fresh sample per batch); ``x_test`` is fixed: a static
+    binarization with its own seed for the dynamic mode, as in Burda et al. (2016).
+    """
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    binarization: str
+    source: str
+
+    @property
+    def fit_binarize(self) -> str:
+        """What to pass to ``fit(binarize=...)``."""
+        return "dynamic" if self.binarization == "dynamic" else "none"
+
+
+def add_common_args(p: argparse.ArgumentParser, *, epochs: int = 10, eval_size: int = 1000,
+                    eval_samples: int = 1000) -> None:
+    """Add ``--epochs --dataset --data-dir --device --seed --train-size --eval-size
+    --eval-samples --out --threads --no-progress`` to a parser.
+
+    :param p: the example's parser.
+    :param epochs: the example's default epochs.
+    :param eval_size: default number of test images evaluated.
+    :param eval_samples: default K importance samples.
+    """
+    p.add_argument("--epochs", type=int, default=epochs, help="training epochs (default %(default)s)")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
+    p.add_argument("--data-dir", default=None, help="directory with the IDX files (else VI_LAB_DATA, ./data, ...)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-size", type=int, default=None, help="use the first N training images")
+    p.add_argument("--eval-size", type=int, default=eval_size, help="evaluate on the first N test images (default %(default)s)")
+    p.add_argument("--eval-samples", type=int, default=eval_samples,
+                   help="K importance samples for log p(x) (default %(default)s)")
+    p.add_argument("--out", default=None, help="output directory (default runs/<timestamp>)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+
+
+def setup(threads: int | None = None, device: str | None = None) -> torch.device:
+    """Threads, logging and the device, once per script."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return pick_device(device)
+
+
+def out_dir(out: str | None, resume: str | None = None) -> Path:
+    """``--out``, else the resumed run's directory, else ``runs/<timestamp>``; created."""
+    if out:
+        path = Path(out)
+    elif resume:
+        r = Path(resume)
+        path = r.parent if r.is_file() else r
+    else:
+        path = Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def default_binarization(likelihood: str) -> str:
+    """Dynamic binarization for the Bernoulli likelihood, grey levels for the others."""
+    return "dynamic" if likelihood == "bernoulli" else "none"
+
+
+def load_data(dataset: str = "mnist", *, data_dir: str | None = None, device: torch.device | str = "cpu",
+              train_size: int | None = None, eval_size: int | None = None, binarization: str = "dynamic",
+              seed: int = 0) -> RunData:
+    """Load train and test splits, cut them to size, binarize them.
+
+    :param dataset: a key of :data:`vi_lab.data.DATASETS`.
+    :param train_size: first N training images (all when None).
+    :param eval_size: first N test images (all when None).
+    :param binarization: ``dynamic``, ``static``, ``threshold`` or ``none``.
+    :param seed: seed of static binarizations.
+
+    Example::
+
+        d = load_data("mnist", train_size=1000, eval_size=100)
+        fit(model, guide, d.x_train, binarize=d.fit_binarize, eval_data=d.x_test)
+    """
+    for name, n in (("train_size", train_size), ("eval_size", eval_size)):
+        if n is not None and (not isinstance(n, int) or n < 1):
+            raise ValueError(f"{name} must be a positive integer, got {n!r}")
+    train = load_dataset(dataset, "train", data_dir=data_dir, device=device)
+    test = load_dataset(dataset, "test", data_dir=data_dir, device=device)
+    train = train.subset(min(train_size or len(train), len(train)))
+    test = test.subset(min(eval_size or len(test), len(test)))
+    x_train = train.images
+    if binarization in ("static", "threshold"):
+        x_train = binarize(x_train, binarization, seed=seed)
+    test_mode = "static" if binarization == "dynamic" else binarization
+    x_test = binarize(test.images, test_mode, seed=seed + 1)
+    return RunData(x_train, train.labels, x_test, test.labels, binarization, train.source)
+
+
+def format_table(rows: list[tuple[Any, ...]]) -> str:
+    """Left-aligned text table; the first row is the header."""
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells if i < len(r)) for i in range(max(map(len, cells)))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def command_line() -> str:
+    """The command that started this process, for provenance in JSON outputs."""
+    return " ".join(["python", *sys.argv]) if sys.argv and sys.argv[0] else ""
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON (non-JSON values as strings)."""
+    path = Path(path)
+    path.write_text(json.dumps(obj, indent=2, default=str))
+    return path
