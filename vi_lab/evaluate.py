@@ -107,7 +107,8 @@ def log_weight_terms(
     if nesting is None:
         nesting = max_plate_nesting(model, guide, x, *args, **kwargs)
     batch = x.shape[0]
-    with pyro.plate("_vi_lab_particles", num_samples, dim=-(nesting + 1)), poutine.block():
+    # block outermost: the particle plate must see (and broadcast) every site inside it
+    with poutine.block(), pyro.plate("_vi_lab_particles", num_samples, dim=-(nesting + 1)):
         guide_trace = poutine.trace(guide).get_trace(x, *args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, *args, **kwargs)
     zero = x.new_zeros(num_samples, batch)
@@ -146,13 +147,14 @@ def _check_inputs(x: torch.Tensor, num_samples: int) -> None:
 def _chunked(model, guide, x, args, kwargs, num_samples, batch_size, reduce) -> torch.Tensor:
     """Apply ``reduce(list_of_terms) -> (..., B)`` over batch and particle chunks; join on the batch dim."""
     n = x.shape[0]
-    a1, kw1 = _slice_args(args, kwargs, n, slice(0, 1))
-    nesting = max_plate_nesting(model, guide, x[:1], *a1, **kw1)
+    nesting = None
     out = []
     for start in range(0, n, batch_size):
         idx = slice(start, min(start + batch_size, n))
         xb = x[idx]
         a, kw = _slice_args(args, kwargs, n, idx)
+        if nesting is None:  # traced on a real chunk: local guides accept only their own batch
+            nesting = max_plate_nesting(model, guide, xb, *a, **kw)
         per_row = max(1, xb[0].numel())
         k_chunk = max(1, min(num_samples, CHUNK_ELEMENTS // (xb.shape[0] * per_row)))
         pieces = []

@@ -44,9 +44,18 @@ class AmortizedGuide(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        pyro.module(self.name, self)
-        with pyro.plate("data", x.shape[0]):
-            q = self.get_posterior(x, *args, **kwargs)
-            if not self.reparameterized:
-                q = q.has_rsample_(False)
-            return pyro.sample(self.site, q)
+        return sample_posterior(self, x, *args, **kwargs)
+
+
+def sample_posterior(guide: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The Pyro guide every vi_lab guide runs: register parameters, sample the site in the data plate.
+
+    Shared by the amortized and the local (per-datapoint) families, which differ only
+    in how ``get_posterior`` finds the distribution.
+    """
+    pyro.module(guide.name, guide)
+    with pyro.plate("data", x.shape[0]):
+        q = guide.get_posterior(x, *args, **kwargs)
+        if not guide.reparameterized:
+            q = q.has_rsample_(False)
+        return pyro.sample(guide.site, q)
