@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from vi_lab import checkpoint as ckpt
 from vi_lab import evaluate
 from vi_lab.data import DeviceBatches, binarize as binarize_fn
+from vi_lab.estimators import Estimator, prepare as prepare_estimator
 
 #: loss names accepted by :func:`fit`; any ``pyro.infer.ELBO`` instance is accepted too
 LOSSES: dict[str, Callable[[int], ELBO]] = {
@@ -143,15 +144,17 @@ def _modules(*objs: Any) -> list[torch.nn.Module]:
 
 def _state(model, guide, optim, epoch: int, history: list) -> dict[str, Any]:
     store = pyro.get_param_store()
-    module_names = {name for name in store.keys() if "$$$" in name}
-    # params registered by pyro.module live in the modules' state dicts; the rest are pyro.param
-    params = {k: v for k, v in store.get_state()["params"].items() if k not in module_names}
+    # parameters of the model/guide modules travel in their state dicts; the param store
+    # section keeps the rest (pyro.param sites, modules hidden inside plain functions)
+    owned = {id(p) for m in _modules(model, guide) for p in m.parameters()}
+    names = [k for k in store.keys() if id(store._params[k]) not in owned]
     return {
         "epoch": epoch,
         "history": history,
         "model": model.state_dict() if isinstance(model, torch.nn.Module) else None,
         "guide": guide.state_dict() if isinstance(guide, torch.nn.Module) else None,
-        "param_store": {"params": params, "constraints": {k: store._constraints[k] for k in params}},
+        "param_store": {"params": {k: store._params[k].detach().clone() for k in names},
+                        "constraints": {k: store._constraints[k] for k in names}},
         "optim": optim.get_state(),
         "rng": ckpt.rng_state(),
     }
@@ -176,6 +179,8 @@ def fit(
     data: Any,
     *,
     loss: str | ELBO = "trace",
+    estimator: str | Estimator = "reparam",
+    baseline: str | None = None,
     epochs: int = 10,
     batch_size: int = 128,
     lr: float = 1e-3,
@@ -207,6 +212,12 @@ def fit(
         ``(x, extra)`` whose ``extra`` (e.g. labels) is passed as the second argument.
     :param loss: ``"trace"`` (Trace_ELBO), ``"meanfield"`` (TraceMeanField_ELBO, analytic
         KL where available), ``"tracegraph"``, or any ``pyro.infer.ELBO`` instance.
+    :param estimator: gradient estimator, a key of :data:`vi_lab.estimators.ESTIMATORS`
+        (``"reparam"``, ``"reinforce"``, ``"reinforce_baseline"``, ``"relaxed"``, ``"enum"``)
+        or a :class:`vi_lab.estimators.Estimator`; all but ``"reparam"`` pick their Pyro
+        objective themselves (leave ``loss="trace"``).
+    :param baseline: baseline of ``"reinforce_baseline"``: ``"decaying_avg"`` (default)
+        or ``"nn"`` (a learned b(x) network, trained alongside).
     :param epochs: total epochs (a resumed run continues up to this number).
     :param batch_size: datapoints per step.
     :param lr: Adam learning rate (ignored when ``optimizer`` is given).
@@ -253,7 +264,12 @@ def fit(
     transform = None if binarize == "none" else (lambda b: binarize_fn(b, binarize))
     if binarize not in ("none",):
         binarize_fn(x[:1], binarize)  # validate the mode before training starts
-    batches = DeviceBatches(x, batch_size, shuffle=True, transform=transform, extra=extra)
+    # one lookup in vi_lab.estimators.ESTIMATORS: the Pyro objective and the guide it runs
+    est = prepare_estimator(guide, estimator, loss=loss, num_particles=num_particles, baseline=baseline,
+                            x_dim=x[0].numel(), device=dev)
+    # Pyro keeps a decaying-average baseline per batch position: batches must not change size
+    batches = DeviceBatches(x, batch_size, shuffle=True, transform=transform, extra=extra,
+                            drop_last=est.fixed_batch and x.shape[0] >= batch_size)
 
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     ckpt_path = ckpt_dir / CHECKPOINT_NAME if ckpt_dir is not None else None
@@ -264,9 +280,9 @@ def fit(
     optim = optimizer if optimizer is not None else pyro.optim.Adam({"lr": lr})
     svi = SVI(
         training_objective(model, getattr(model, "site_scales", None)),
-        training_objective(guide, getattr(model, "site_scales", None)),
+        training_objective(est.guide, getattr(model, "site_scales", None)),
         optim,
-        make_loss(loss, num_particles),
+        est.loss,
     )
 
     history: list[dict[str, Any]] = []
@@ -292,7 +308,13 @@ def fit(
         bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
         for step, batch in enumerate(bar, start=1):
             args = batch if isinstance(batch, tuple) else (batch,)
-            step_loss = svi.step(*args)
+            try:
+                step_loss = svi.step(*args)
+            except ValueError as err:
+                # with validation on, non-finite parameters surface as invalid distribution arguments
+                if _all_params_finite(model, guide):
+                    raise
+                raise TrainingDiverged(float("nan"), epoch, step, len(batches), ckpt_path) from err
             if not math.isfinite(step_loss):
                 raise TrainingDiverged(step_loss, epoch, step, len(batches), ckpt_path)
             n = args[0].shape[0]
@@ -321,6 +343,12 @@ def fit(
     for m in _modules(model, guide):
         m.eval()
     return FitResult(history=history, device=str(dev), checkpoint=ckpt_path, metrics_path=metrics_path)
+
+
+def _all_params_finite(*objs: Any) -> bool:
+    tensors = [p for m in _modules(*objs) for p in m.parameters()]
+    tensors += [v for v in pyro.get_param_store().values()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _eval_binarized(x: torch.Tensor, mode: str) -> torch.Tensor:

@@ -1,0 +1,157 @@
+"""fit(): it learns, its ELBO is per datapoint, resume is exact, divergence keeps the checkpoint."""
+
+import json
+
+import pyro
+import pytest
+import torch
+
+from vi_lab import checkpoint, evaluate, fit
+from vi_lab.data import binarize, load_dataset
+from vi_lab.guides import make_guide
+from vi_lab.infer import TrainingDiverged, pick_device
+from vi_lab.models import VAE
+
+
+@pytest.fixture(scope="module")
+def mnist_slice():
+    images = load_dataset("mnist", "train").images[:600]
+    return binarize(images, "static", seed=0)
+
+
+def small_pair(latent_dim=5):
+    return VAE(latent_dim, [64]), make_guide("mean_field", latent_dim=latent_dim, hidden=[64])
+
+
+def test_fit_raises_the_elbo_on_real_mnist(mnist_slice, tmp_path):
+    model, guide = small_pair()
+    x_train, x_test = mnist_slice[:500], mnist_slice[500:]
+    before = evaluate.elbo(model, guide, x_test, num_samples=5).mean().item()
+    result = fit(model, guide, x_train, epochs=4, batch_size=50, lr=3e-3, progress=False,
+                 eval_data=x_test, checkpoint_dir=tmp_path)
+    after = evaluate.elbo(model, guide, x_test, num_samples=5).mean().item()
+    assert after > before + 150  # untrained ~ -545 nats, a few epochs reach ~ -200
+    assert result.history[-1]["train_elbo"] > result.history[0]["train_elbo"] + 50
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+    assert all("test_elbo" in json.loads(line) for line in lines)
+
+
+@pytest.mark.parametrize("batch_size", [32, 100])
+def test_reported_elbo_is_per_datapoint_and_matches_full_data_evaluation(mnist_slice, batch_size):
+    model, guide = small_pair()
+    x = mnist_slice[:400]
+    # lr = 0 freezes the parameters, so the epoch's running ELBO must equal a full-data evaluation
+    result = fit(model, guide, x, epochs=1, batch_size=batch_size, lr=0.0, progress=False)
+    full = evaluate.elbo(model, guide, x, num_samples=50).mean().item()
+    assert abs(result.train_elbo - full) < 1.0, (result.train_elbo, full)
+
+
+def test_resume_continues_exactly(mnist_slice, tmp_path):
+    x = mnist_slice[:200]
+    kwargs = dict(batch_size=40, lr=1e-3, progress=False, seed=3, binarize="dynamic")
+    pyro.set_rng_seed(7)  # same initial weights for both runs
+    model, guide = small_pair()
+    straight = fit(model, guide, x, epochs=3, checkpoint_dir=tmp_path / "a", **kwargs)
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(7)
+    model, guide = small_pair()
+    fit(model, guide, x, epochs=2, checkpoint_dir=tmp_path / "b", **kwargs)
+    state = checkpoint.load(tmp_path / "b" / "last.pt")
+    assert {"model", "guide", "optim", "rng", "epoch", "history"} <= set(state)
+    assert state["epoch"] == 2
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(999)  # whatever happened in between must not matter
+    model, guide = small_pair()  # fresh weights: the checkpoint must restore them
+    resumed = fit(model, guide, x, epochs=3, checkpoint_dir=tmp_path / "b", resume=True, **kwargs)
+    assert len(resumed.history) == 3
+    assert [h["train_elbo"] for h in resumed.history[:2]] == [h["train_elbo"] for h in straight.history[:2]]
+    # the whole resumed epoch (its first step included) reproduces the uninterrupted run
+    assert resumed.history[2]["train_elbo"] == pytest.approx(straight.history[2]["train_elbo"], abs=1e-9)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(mnist_slice, tmp_path):
+    model, guide = small_pair()
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        fit(model, guide, mnist_slice[:50], epochs=1, checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("how", ["nan_loss", "nan_weights"])
+def test_divergence_stops_with_epoch_and_step_and_keeps_the_checkpoint(mnist_slice, tmp_path, how):
+    class ExplodingVAE(VAE):
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            blow_up = self.calls > 5 + 2  # 5 steps per epoch: blows up at epoch 2, step 3
+            if blow_up and how == "nan_weights":  # validation then rejects the decoder's logits
+                self.decoder.net[0].weight.data.fill_(float("nan"))
+            super().forward(x)
+            if blow_up and how == "nan_loss":
+                pyro.factor("boom", x.new_tensor(float("nan")))
+
+    exploding_model, guide = ExplodingVAE(5, [64]), make_guide("mean_field", latent_dim=5, hidden=[64])
+
+    with pyro.validation_enabled(how == "nan_weights"):
+        with pytest.raises(TrainingDiverged, match=r"epoch 2, step 3 of 5") as err:
+            fit(exploding_model, guide, mnist_slice[:200], epochs=3, batch_size=40, progress=False,
+                checkpoint_dir=tmp_path)
+    assert "intact" in str(err.value) and str(tmp_path / "last.pt") in str(err.value)
+    state = checkpoint.load(tmp_path / "last.pt")
+    assert state["epoch"] == 1
+    fresh = VAE(5, [64])
+    fresh.load_state_dict(state["model"])
+    assert all(torch.isfinite(p).all() for p in fresh.parameters())
+
+
+def test_invalid_data_is_not_mistaken_for_divergence(mnist_slice):
+    model, guide = small_pair()
+    grey = load_dataset("mnist", "train").images[:40]  # not binary: Bernoulli's support check fails
+    with pytest.raises(ValueError, match="support|constraint") as err:
+        fit(model, guide, grey, epochs=1, batch_size=40, progress=False)
+    assert not isinstance(err.value, TrainingDiverged)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = checkpoint.save_atomic({"epoch": 1}, tmp_path / "last.pt")
+
+    def crash(obj, f):
+        f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_atomic({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert checkpoint.load(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"epochs": -1}, "epochs must be"),
+    ({"batch_size": 0}, "batch_size must be"),
+    ({"lr": float("nan")}, "lr must be"),
+    ({"loss": "elbo2"}, "unknown loss 'elbo2'; valid"),
+    ({"binarize": "sometimes"}, "sometimes"),
+])
+def test_bad_arguments_are_clear_errors(mnist_slice, kwargs, message):
+    model, guide = small_pair()
+    with pytest.raises(ValueError, match=message):
+        fit(model, guide, mnist_slice[:20], progress=False, **{"epochs": 1, **kwargs})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_asking_for_missing_cuda_is_a_clear_error():
+    assert pick_device(None).type == "cpu"
+    with pytest.raises(ValueError, match="no GPU"):
+        pick_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_fit_runs_on_cuda(mnist_slice):
+    model, guide = small_pair()
+    result = fit(model, guide, mnist_slice[:100], epochs=1, batch_size=50, device="cuda", progress=False)
+    assert result.device.startswith("cuda")
+    assert next(model.parameters()).is_cuda
