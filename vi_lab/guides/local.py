@@ -17,123 +17,29 @@ import pyro.optim
 import torch
 from pyro.infer import SVI, ELBO, Trace_ELBO
 from torch import nn
-from torch.nn.functional import softplus
 
-from vi_lab.guides.base import sample_posterior
+from vi_lab.guides.full_cov import LocalFullCov
+from vi_lab.guides.local_base import MIN_SCALE, LocalGuide, inv_softplus, moments
+from vi_lab.guides.local_flows import LocalIAF, LocalPlanar, LocalRadial
+from vi_lab.guides.low_rank import LocalLowRank
+from vi_lab.guides.mean_field import LocalMeanField
+from vi_lab.guides.mixture import LocalMixture
 
-MIN_SCALE = 1e-4
+__all__ = [
+    "LOCAL_GUIDES", "LocalFit", "LocalFullCov", "LocalGuide", "LocalIAF", "LocalLowRank", "LocalMeanField",
+    "LocalMixture", "LocalPlanar", "LocalRadial", "MIN_SCALE", "inv_softplus", "make_local_guide", "moments",
+    "optimize_local",
+]
 
-
-def _inv_softplus(y: torch.Tensor) -> torch.Tensor:
-    return y + torch.log(-torch.expm1(-y))
-
-
-@torch.no_grad()
-def moments(q: dist.Distribution, num_samples: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean ``(B, D)`` and covariance ``(B, D, D)`` of a posterior, by Monte Carlo where needed.
-
-    :param q: batch shape ``(B,)``, event shape ``(D,)``.
-    :param num_samples: draws when the family has no closed-form moments (flows, mixtures).
-    """
-    base = q.base_dist if isinstance(q, dist.Independent) else q
-    if isinstance(base, dist.Normal):
-        return base.mean, torch.diag_embed(base.variance)
-    if isinstance(q, (dist.MultivariateNormal, dist.LowRankMultivariateNormal)):
-        return q.mean, q.covariance_matrix
-    z = q.sample((num_samples,))  # (S, B, D)
-    mean = z.mean(0)
-    c = z - mean
-    return mean, torch.einsum("sbi,sbj->bij", c, c) / (num_samples - 1)
-
-
-class LocalGuide(nn.Module):
-    """Base class of the local families: ``get_posterior`` reads per-datapoint parameters.
-
-    :param num_data: N, the number of datapoints this guide holds parameters for.
-    :param latent_dim: D.
-    :param site: name of the latent site.
-    :param name: prefix in Pyro's param store.
-
-    The guide must be called with the same N datapoints, in the same order, every time
-    (full batch): row i of every parameter belongs to datapoint i.
-    """
-
-    def __init__(self, num_data: int, latent_dim: int, *, site: str = "z", name: str = "local_guide") -> None:
-        super().__init__()
-        if num_data < 1 or latent_dim < 1:
-            raise ValueError(f"num_data and latent_dim must be positive, got {num_data}, {latent_dim}")
-        self.num_data, self.latent_dim, self.site, self.name = num_data, latent_dim, site, name
-        self.reparameterized = True
-
-    def _check(self, x: torch.Tensor) -> None:
-        if x.shape[0] != self.num_data:
-            raise ValueError(f"this local guide holds parameters for {self.num_data} datapoints but got a batch "
-                             f"of {x.shape[0]}; call it with the same full set of points it was built for")
-
-    def get_posterior(self, x: torch.Tensor, *args, **kwargs) -> dist.TorchDistribution:
-        """q_i(z) for each of the N datapoints: batch ``(N,)``, event ``(D,)``."""
-        raise NotImplementedError
-
-    def init_from(self, q: dist.Distribution) -> "LocalGuide":
-        """Start from a posterior for the same N points (e.g. an amortized guide's output)."""
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        self._check(x)
-        return sample_posterior(self, x, *args, **kwargs)
-
-
-class LocalMeanField(LocalGuide):
-    """q_i(z) = N(m_i, diag(s_i^2)), free m_i, s_i per datapoint."""
-
-    def __init__(self, num_data: int, latent_dim: int, **kwargs) -> None:
-        super().__init__(num_data, latent_dim, **kwargs)
-        self.loc = nn.Parameter(torch.zeros(num_data, latent_dim))
-        self.raw_scale = nn.Parameter(torch.full((num_data, latent_dim), float(_inv_softplus(torch.tensor(1.0)))))
-
-    def get_posterior(self, x: torch.Tensor, *args, **kwargs) -> dist.TorchDistribution:
-        return dist.Normal(self.loc, softplus(self.raw_scale) + MIN_SCALE).to_event(1)
-
-    @torch.no_grad()
-    def init_from(self, q: dist.Distribution) -> "LocalMeanField":
-        mean, cov = moments(q)
-        self.loc.copy_(mean)
-        std = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(4 * MIN_SCALE**2).sqrt()
-        self.raw_scale.copy_(_inv_softplus(std - MIN_SCALE))
-        return self
-
-
-class LocalFullCov(LocalGuide):
-    """q_i(z) = N(m_i, L_i L_i^T) with a free Cholesky factor L_i per datapoint."""
-
-    def __init__(self, num_data: int, latent_dim: int, **kwargs) -> None:
-        super().__init__(num_data, latent_dim, **kwargs)
-        self.loc = nn.Parameter(torch.zeros(num_data, latent_dim))
-        self.raw_diag = nn.Parameter(torch.full((num_data, latent_dim), float(_inv_softplus(torch.tensor(1.0)))))
-        self.lower = nn.Parameter(torch.zeros(num_data, latent_dim, latent_dim))
-
-    def scale_tril(self) -> torch.Tensor:
-        """Cholesky factors ``(N, D, D)``: positive diagonal, free strict lower triangle."""
-        return self.lower.tril(-1) + torch.diag_embed(softplus(self.raw_diag) + MIN_SCALE)
-
-    def get_posterior(self, x: torch.Tensor, *args, **kwargs) -> dist.TorchDistribution:
-        return dist.MultivariateNormal(self.loc, scale_tril=self.scale_tril())
-
-    @torch.no_grad()
-    def init_from(self, q: dist.Distribution) -> "LocalFullCov":
-        mean, cov = moments(q)
-        jitter = 1e-6 * torch.eye(self.latent_dim, dtype=cov.dtype, device=cov.device)
-        chol = torch.linalg.cholesky(cov + jitter)
-        self.loc.copy_(mean)
-        diag = torch.diagonal(chol, dim1=-2, dim2=-1).clamp_min(2 * MIN_SCALE)
-        self.raw_diag.copy_(_inv_softplus(diag - MIN_SCALE))
-        self.lower.copy_(chol.tril(-1))
-        return self
-
-
+#: local families by name: the same names as the amortized ones in :data:`vi_lab.guides.GUIDES`
 LOCAL_GUIDES: dict[str, type[LocalGuide]] = {
     "mean_field": LocalMeanField,
     "full_cov": LocalFullCov,
+    "low_rank": LocalLowRank,
+    "mixture": LocalMixture,
+    "iaf": LocalIAF,
+    "planar": LocalPlanar,
+    "radial": LocalRadial,
 }
 
 
@@ -152,9 +58,13 @@ def make_local_guide(
     :param num_data: N (taken from ``x`` when omitted).
     :param latent_dim: D (taken from ``init_from`` when omitted).
     :param init_from: an amortized guide (then ``x`` is required: its output for ``x``
-        is the starting point) or a posterior distribution with batch ``(N,)``.
+        is the starting point) or a posterior distribution with batch ``(N,)``. A
+        posterior of the same family is copied exactly (a flow's per-datapoint step
+        parameters included); any other is matched by its mean and covariance.
     :param x: the N datapoints.
-    :param family_kwargs: family options, passed to the class.
+    :param family_kwargs: family options, passed to the class (``rank``, ``components``,
+        ``flow_steps``, ``flow_hidden``). Options left out are read off ``init_from``
+        when it is of the same family, so the copy is exact.
 
     Example::
 
@@ -182,6 +92,8 @@ def make_local_guide(
         if q is None:
             raise ValueError("pass latent_dim= (or init_from= to take it from)")
         latent_dim = q.event_shape[0]
+    if q is not None:
+        family_kwargs = {**cls.options_from(q), **family_kwargs}
     guide = cls(num_data, latent_dim, **family_kwargs)
     if x is not None or q is not None:
         guide.to(x.device if x is not None else q.sample().device)
