@@ -266,7 +266,7 @@ def fit(
         binarize_fn(x[:1], binarize)  # validate the mode before training starts
     # one lookup in vi_lab.estimators.ESTIMATORS: the Pyro objective and the guide it runs
     est = prepare_estimator(guide, estimator, loss=loss, num_particles=num_particles, baseline=baseline,
-                            x_dim=x[0].numel(), device=dev)
+                            x_dim=x[0].numel(), device=dev, seed=seed)
     # Pyro keeps a decaying-average baseline per batch position: batches must not change size
     batches = DeviceBatches(x, batch_size, shuffle=True, transform=transform, extra=extra,
                             drop_last=est.fixed_batch and x.shape[0] >= batch_size)

@@ -14,6 +14,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from vi_lab.estimators import without_rsample
+
 
 class AmortizedGuide(nn.Module):
     """Base class: an encoder trunk ``x -> features`` and a family-specific head.
@@ -57,5 +59,5 @@ def sample_posterior(guide: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
     with pyro.plate("data", x.shape[0]):
         q = guide.get_posterior(x, *args, **kwargs)
         if not guide.reparameterized:
-            q = q.has_rsample_(False)
+            q = without_rsample(q)  # Independent/flows: switched on their base distribution
         return pyro.sample(guide.site, q)
