@@ -4,6 +4,8 @@ Run ``python examples/vae_mnist.py`` (defaults finish in a few minutes on a 2-co
 or ``python examples/vae_mnist.py --help`` for the options. Writes to ``--out DIR``
 (default ``runs/<timestamp>/``): ``metrics.json``, ``samples.png``,
 ``reconstructions.png``, ``curves.png``, ``manifold.png`` (when ``--latent-dim 2``),
+the latent-space pictures ``interpolation.png``, ``traversals.png``, ``edits.png`` and
+``latent_scatter.png`` (encoder means by label, PCA when D > 2),
 ``metrics.jsonl`` and the checkpoint ``last.pt``.
 """
 
@@ -136,6 +138,7 @@ def main(cfg: Config) -> dict:
                     title=f"VAE on {cfg.dataset} ({cfg.guide} guide, D={cfg.latent_dim})")
     if cfg.latent_dim == 2:
         viz.save_manifold(model, out / "manifold.png")
+    pictures = save_latent_pictures(model, guide, x_test, data.y_test, out)
 
     print()
     print(runs.format_table([
@@ -148,8 +151,21 @@ def main(cfg: Config) -> dict:
         ("seconds per epoch", f"{metrics['seconds_per_epoch']:.1f} ({result.device})"),
     ]))
     print(f"\ndata: {source}; wrote {out}/ (metrics.json, samples.png, reconstructions.png, curves.png"
-          f"{', manifold.png' if cfg.latent_dim == 2 else ''}, last.pt)")
+          f"{', manifold.png' if cfg.latent_dim == 2 else ''}, {', '.join(p.name for p in pictures)}, last.pt)")
     return metrics
+
+
+def save_latent_pictures(model, guide, x_test: torch.Tensor, y_test: torch.Tensor, out: Path) -> list[Path]:
+    """Interpolation, traversals, editing and the scatter of encoder means, from test images."""
+    pairs = min(4, len(x_test) // 2)
+    paths = [viz.save_traversals(model, guide, x_test[:500], out / "traversals.png"),
+             viz.save_edits(model, guide, x_test[:500], out / "edits.png")]
+    if pairs:
+        paths.append(viz.save_interpolation(model, guide, x_test[:pairs], x_test[pairs:2 * pairs],
+                                            out / "interpolation.png"))
+    if model.latent_dim >= 2:
+        paths.append(viz.save_latent_scatter(guide, x_test[:2000], y_test[:2000], out / "latent_scatter.png"))
+    return paths
 
 
 def _resume_path(cfg: Config) -> Path:

@@ -1,0 +1,225 @@
+"""Autoencoder, denoising autoencoder and VAE side by side: decoding random latent points.
+
+The course's demonstration: an autoencoder learns to reconstruct, but its latent space
+has no distribution to sample from, so decoding a random point gives a poor image;
+the VAE's prior samples are digits, because its training made N(0, I) the
+distribution its decoder is used to. All three models here share the architecture
+(MLP, same hidden widths and latent size), the data (dynamically binarized MNIST) and
+the reconstruction term (Bernoulli / binary cross-entropy); only the VAE has a KL.
+
+Random latents are drawn three ways for the autoencoders: z ~ N(0, I) (the VAE's
+recipe), uniform in the box the training codes span, and a Gaussian fitted to the
+training codes after training. Sample quality is measured, besides the pictures, by
+a Frechet distance between classifier features of the samples and of real test
+digits (a classifier trained on real digits; lower is closer; the distance between
+two sets of real digits is the floor).
+
+Run ``python examples/autoencoders.py`` (defaults: latent size 20, 10 epochs of 60,000
+images for each model, a few minutes on a 2-core CPU) or ``--help``. Writes to
+``--out DIR``: ``random_latents.png``, ``reconstructions.png`` (clean and masked
+inputs), ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import vi_lab
+from vi_lab import evaluate, runs, viz
+from vi_lab.models.autoencoder import (
+    CODE_SAMPLERS,
+    CORRUPTIONS,
+    Autoencoder,
+    fit_autoencoder,
+    random_codes,
+    reconstruction_loss,
+)
+from vi_lab.models.cvae import train_classifier
+
+SAMPLER_LABELS = {"standard_normal": "z ~ N(0, I)", "box": "uniform in the code box",
+                  "fitted_gaussian": "Gaussian fitted to the codes"}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one run depends on; written into metrics.json."""
+
+    epochs: int = 10
+    latent_dim: int = 20
+    hidden: tuple[int, ...] = (400,)
+    corruption: str = "gaussian"
+    noise: float = 0.3
+    batch_size: int = 128
+    lr: float = 1e-3
+    num_samples: int = 64
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    device: str | None = None
+    seed: int = 0
+    train_size: int | None = None
+    eval_size: int = 1000
+    eval_samples: int = 1000
+    out: str | None = None
+    threads: int | None = None
+    progress: bool = True
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    runs.add_common_args(p, epochs=Config.epochs)
+    p.add_argument("--latent-dim", type=int, default=Config.latent_dim)
+    p.add_argument("--hidden", type=int, nargs="+", default=list(Config.hidden), help="hidden widths")
+    p.add_argument("--corruption", choices=sorted(c for c in CORRUPTIONS if c != "none"),
+                   default=Config.corruption, help="input corruption of the denoising autoencoder")
+    p.add_argument("--noise", type=float, default=Config.noise,
+                   help="corruption level: noise standard deviation, or masked fraction (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=Config.batch_size)
+    p.add_argument("--lr", type=float, default=Config.lr)
+    p.add_argument("--num-samples", type=int, default=Config.num_samples, help="images per picture panel")
+    kw = vars(p.parse_args(argv))
+    kw["hidden"] = tuple(kw["hidden"])
+    return Config(**kw)
+
+
+class Decodes:
+    """A 'sampler' for the pictures: ``sample(n)`` decodes n latent points drawn by ``draw(n)``."""
+
+    def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor], draw: Callable[[int], torch.Tensor]) -> None:
+        self.decode, self.draw = decode, draw
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        return self.decode(self.draw(n))
+
+
+def _sqrtm_psd(a: torch.Tensor) -> torch.Tensor:
+    w, v = torch.linalg.eigh(a)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+@torch.no_grad()
+def frechet_distance(features: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to the features of two image sets (lower is closer)."""
+    fa, fb = features(a).double(), features(b).double()
+    ca, cb = torch.cov(fa.T), torch.cov(fb.T)
+    root = _sqrtm_psd(ca)
+    cross = _sqrtm_psd(root @ cb @ root)
+    return ((fa.mean(0) - fb.mean(0)).pow(2).sum() + torch.trace(ca + cb - 2 * cross)).item()
+
+
+def main(cfg: Config) -> dict:
+    device = runs.setup(cfg.threads, cfg.device)
+    out = runs.out_dir(cfg.out)
+    data = runs.load_data(cfg.dataset, data_dir=cfg.data_dir, device=device, train_size=cfg.train_size,
+                          eval_size=cfg.eval_size, binarization="dynamic", seed=cfg.seed)
+    x_train, x_test = data.x_train, data.x_test
+    hidden = list(cfg.hidden)
+    train_kw = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, device=device, seed=cfg.seed,
+                    binarize=data.fit_binarize, progress=cfg.progress)
+
+    ae = Autoencoder(cfg.latent_dim, hidden, loss="bce")
+    dae = Autoencoder(cfg.latent_dim, hidden, loss="bce", corruption=cfg.corruption, noise=cfg.noise)
+    histories = {"AE": fit_autoencoder(ae, x_train, eval_data=x_test, **train_kw),
+                 "DAE": fit_autoencoder(dae, x_train, eval_data=x_test, **train_kw)}
+    vae = vi_lab.VAE(cfg.latent_dim, hidden[::-1])
+    guide = vi_lab.make_guide("mean_field", latent_dim=cfg.latent_dim, hidden=hidden)
+    vae_fit = vi_lab.fit(vae, guide, x_train, **train_kw, eval_data=x_test)
+    histories["VAE"] = vae_fit.history
+
+    # random latent points: three guesses for each autoencoder, the prior for the VAE
+    generators: dict[str, Decodes] = {}
+    code_stats = {}
+    for name, model in (("AE", ae), ("DAE", dae)):
+        with torch.no_grad():
+            codes = torch.cat([model.encode(x_train[i:i + 1000]) for i in range(0, len(x_train), 1000)])
+        code_stats[name] = {"mean_abs_mean": codes.mean(0).abs().mean().item(), "mean_std": codes.std(0).mean().item()}
+        for kind in CODE_SAMPLERS:
+            generators[f"{name}, {SAMPLER_LABELS[kind]}"] = Decodes(
+                model.decode, lambda n, c=codes, k=kind: random_codes(c, n, k))
+    generators["VAE, z ~ N(0, I) = p(z)"] = Decodes(vae.decode, lambda n: torch.randn(n, cfg.latent_dim, device=device))
+
+    # the judge: a classifier trained on real grey-level digits; its hidden layer is the feature space
+    raw_train = vi_lab.load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, device=device)
+    raw_test = vi_lab.load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, device=device)
+    n_clf = min(len(raw_train), max(len(x_train), 1000))
+    classifier = train_classifier(raw_train.images[:n_clf], raw_train.labels[:n_clf], epochs=5, seed=cfg.seed)
+    features = classifier.net[:-1]  # MLP up to its last hidden activation
+    n_fd = len(x_test)
+    real = raw_test.images[:n_fd]
+    torch.manual_seed(cfg.seed)
+    quality = {"real digits (training set)": frechet_distance(features, real, raw_train.images[:n_fd])}
+    for name, gen in generators.items():
+        quality[name] = frechet_distance(features, real, gen.sample(n_fd))
+
+    with torch.no_grad():
+        vae_terms = evaluate.elbo_terms(vae, guide, x_test, num_samples=1)
+    ll = evaluate.log_likelihood(vae, guide, x_test, num_samples=cfg.eval_samples)
+    recon = {"AE": reconstruction_loss(ae, x_test).mean().item(), "DAE": reconstruction_loss(dae, x_test).mean().item(),
+             "VAE": -vae_terms["reconstruction"].mean().item()}
+    masked = CORRUPTIONS["masking"](x_test, 0.5)
+    with torch.no_grad():
+        denoise = {name: torch.nn.functional.binary_cross_entropy_with_logits(
+            model(masked), x_test, reduction="none").sum(-1).mean().item() for name, model in (("AE", ae), ("DAE", dae))}
+
+    torch.manual_seed(cfg.seed + 1)
+    panels = {"AE: z ~ N(0, I)": generators["AE, z ~ N(0, I)"],
+              "AE: uniform in its code box": generators["AE, uniform in the code box"],
+              "AE: Gaussian fitted to its codes": generators["AE, Gaussian fitted to the codes"],
+              "VAE: z ~ N(0, I) = p(z)": generators["VAE, z ~ N(0, I) = p(z)"]}
+    viz.save_sample_grids(panels, out / "random_latents.png", n=cfg.num_samples,
+                          title=f"Decoding random latent points (D = {cfg.latent_dim}, decoder means)")
+    n_show = min(10, len(x_test))
+    with torch.no_grad():
+        vae_recon = vae.decode(viz.posterior_mean(guide, x_test[:n_show]))
+        viz.save_rows({"input": x_test[:n_show], "AE": ae.reconstruct(x_test[:n_show]),
+                       "DAE": dae.reconstruct(x_test[:n_show]), "VAE": vae_recon,
+                       "masked input": masked[:n_show], "AE (masked)": ae.decode(ae.encode(masked[:n_show])),
+                       "DAE (masked)": dae.decode(dae.encode(masked[:n_show]))},
+                      out / "reconstructions.png", title="Reconstructions of test digits",
+                      xlabel=f"'masked': half the pixels set to 0; DAE trained with {cfg.corruption} noise {cfg.noise}")
+
+    metrics = {
+        "frechet_distance_to_real_test_digits": quality,
+        "test_reconstruction_loss": recon,
+        "test_reconstruction_loss_from_masked_input": denoise,
+        "vae_test_elbo": vae_terms["elbo"].mean().item(),
+        "vae_test_kl": vae_terms["kl"].mean().item(),
+        "vae_test_log_likelihood": ll.mean().item(),
+        "code_statistics": code_stats,
+        "histories": histories,
+        "train_size": len(x_train),
+        "eval_size": len(x_test),
+        "classifier_train_size": n_clf,
+        "data_source": data.source,
+        "device": str(device),
+        "units": "reconstruction losses in nats per image (binary cross-entropy summed over pixels); "
+                 "Frechet distance in classifier-feature units (lower is closer to real digits)",
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "command": runs.command_line(),
+        "config": dataclasses.asdict(cfg),
+    }
+    runs.write_json(out / "metrics.json", metrics)
+    print()
+    print(runs.format_table([("samples from", "Frechet distance to real test digits (lower is closer)"),
+                             *[(name, f"{v:.2f}") for name, v in quality.items()]]))
+    print()
+    print(runs.format_table([("model", "test reconstruction loss (nats per image)", "from masked input"),
+                             *[(name, f"{recon[name]:.2f}", f"{denoise[name]:.2f}" if name in denoise else "-")
+                               for name in recon]]))
+    print(f"\nVAE: test ELBO {metrics['vae_test_elbo']:.2f}, KL {metrics['vae_test_kl']:.2f}, "
+          f"log p(x) {metrics['vae_test_log_likelihood']:.2f} (K={cfg.eval_samples}) nats per datapoint")
+    print(f"AE codes: mean |E[z_i]| {code_stats['AE']['mean_abs_mean']:.2f}, mean sd(z_i) "
+          f"{code_stats['AE']['mean_std']:.2f} (N(0, I) has 0 and 1)")
+    print(f"\ndata: {data.source}; wrote {out}/ (random_latents.png, reconstructions.png, metrics.json)")
+    return metrics
+
+
+if __name__ == "__main__":
+    main(parse_args())
