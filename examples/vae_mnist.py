@@ -23,6 +23,7 @@ import torch
 import vi_lab
 from vi_lab import evaluate, runs, viz
 from vi_lab.data import BINARIZATIONS
+from vi_lab.estimators import BASELINES, ESTIMATORS
 from vi_lab.guides import GUIDES
 from vi_lab.models import LIKELIHOODS
 from vi_lab.nets import ARCHS
@@ -41,6 +42,8 @@ class Config:
     beta: float = 1.0
     guide: str = "mean_field"
     loss: str = "trace"
+    estimator: str = "reparam"  # gradient estimator (vi_lab.estimators.ESTIMATORS)
+    baseline: str | None = None  # reinforce_baseline: decaying_avg (default) or nn
     dataset: str = "mnist"
     data_dir: str | None = None
     device: str | None = None
@@ -68,6 +71,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--beta", type=float, default=Config.beta, help="weight of the KL term (beta-VAE)")
     p.add_argument("--guide", default=Config.guide, help=f"guide family: {', '.join(sorted(GUIDES))}")
     p.add_argument("--loss", choices=sorted(vi_lab.infer.LOSSES), default=Config.loss)
+    p.add_argument("--estimator", choices=list(ESTIMATORS), default=Config.estimator,
+                   help="gradient estimator: pathwise (reparam) or score function (reinforce, reinforce_baseline)")
+    p.add_argument("--baseline", choices=list(BASELINES), default=None,
+                   help="baseline of reinforce_baseline (default decaying_avg)")
     p.add_argument("--batch-size", type=int, default=Config.batch_size)
     p.add_argument("--lr", type=float, default=Config.lr)
     p.add_argument("--resume", default=None, help="a run directory (or its last.pt) to continue")
@@ -98,6 +105,7 @@ def main(cfg: Config) -> dict:
 
     result = vi_lab.fit(
         model, guide, x_train, loss=cfg.loss, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+        estimator=cfg.estimator, baseline=cfg.baseline,
         device=device, seed=cfg.seed, checkpoint_dir=out, resume=_resume_path(cfg) if cfg.resume else False,
         progress=cfg.progress, binarize=data.fit_binarize, eval_data=x_test,
     )
