@@ -111,6 +111,101 @@ def save_curves(history: Sequence[dict], path: str | Path, *, keys: Sequence[str
     return path
 
 
+def _as_record(obj: Any) -> dict:
+    """A gap report or refinement curve as its JSON form (objects with ``to_dict`` or dicts)."""
+    return obj.to_dict(per_datapoint=False) if hasattr(obj, "to_dict") else obj
+
+
+def save_gap_bars(reports: Sequence[Any], path: str | Path, *, title: str = "Inference gap by guide family") -> Path:
+    """Stacked bars per guide: approximation gap (bottom) and amortization gap (top), as in Cremer et al. (2018).
+
+    The bar's height is the inference gap log p̂(x) - L[q]; the error bar is its
+    standard error over datapoints; both segments are labelled with their means.
+
+    :param reports: :class:`vi_lab.gaps.GapReport` objects or their ``to_dict()`` form
+        (e.g. ``json.load(open("gaps.json"))["reports"]``).
+    :param path: output PNG.
+
+    Example::
+
+        save_gap_bars([report_mean_field, report_iaf], "runs/gaps/gaps.png")
+    """
+    records = [_as_record(r) for r in reports]
+    if not records:
+        raise ValueError("save_gap_bars needs at least one report")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labels = [r["label"] for r in records]
+    approx = [r["summary"]["approximation_gap"]["mean"] for r in records]
+    amort = [r["summary"]["amortization_gap"]["mean"] for r in records]
+    total_sem = [r["summary"]["inference_gap"]["sem"] for r in records]
+    xs = range(len(records))
+    fig, ax = plt.subplots(figsize=(1.6 * len(records) + 2.5, 4))
+    ax.bar(xs, approx, width=0.6, color="tab:blue", label="approximation gap  log p̂(x) - L[q*]")
+    ax.bar(xs, amort, width=0.6, bottom=approx, color="tab:orange", label="amortization gap  L[q*] - L[q]")
+    tops = [a + b for a, b in zip(approx, amort)]
+    ax.errorbar(xs, tops, yerr=[0 if s != s else s for s in total_sem], fmt="none", ecolor="black", capsize=4)
+    for x, a, b in zip(xs, approx, amort):
+        ax.text(x, a / 2, f"{a:.2f}", ha="center", va="center", color="white", fontsize=9)
+        ax.text(x, a + b / 2, f"{b:.2f}", ha="center", va="center", color="black", fontsize=9)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels)
+    ax.set_xlabel("guide family used in training")
+    ax.set_ylabel("gap (nats per datapoint, lower is better)")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_ylim(top=max(max(tops), 0) * 1.35 + 1e-3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_refinement_curve(curves: Sequence[Any], path: str | Path, *,
+                          title: str = "Semi-amortized refinement") -> Path:
+    """The amortization gap left after t local refinement steps, one line per guide.
+
+    Curves built with a gap report carry ``amortization_gap`` (L[q*] - L[q_t]); those
+    without one are drawn as the ELBO L[q_t] instead. The x axis is symmetric-log so
+    t = 0 (the encoder's own q) shows.
+
+    :param curves: :class:`vi_lab.gaps.RefinementCurve` objects or their ``to_dict()`` form.
+    :param path: output PNG.
+
+    Example::
+
+        save_refinement_curve([curve_mean_field, curve_iaf], "runs/gaps/refinement.png")
+    """
+    records = [_as_record(c) for c in curves]
+    if not records:
+        raise ValueError("save_refinement_curve needs at least one curve")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = "amortization_gap" if all("amortization_gap" in r for r in records) else "elbo"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in records:
+        mean = [p["mean"] for p in r[key]]
+        sem = [0.0 if p["sem"] != p["sem"] else p["sem"] for p in r[key]]
+        line, = ax.plot(r["steps"], mean, marker="o", label=r["label"])
+        ax.fill_between(r["steps"], [m - s for m, s in zip(mean, sem)], [m + s for m, s in zip(mean, sem)],
+                        color=line.get_color(), alpha=0.2)
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("refinement steps t (Adam on per-datapoint parameters, from the encoder's q)")
+    if key == "amortization_gap":
+        ax.set_ylabel("L[q*] - L[q_t] (nats per datapoint)")
+        ax.axhline(0, color="black", linewidth=0.8)
+    else:
+        ax.set_ylabel("ELBO L[q_t] (nats per datapoint, higher is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 # --------------------------------------------------------------- latent-space pictures
 # Image grids below are matplotlib figures of a fixed size (titles, row and column
 # labels), laid out by hand rather than by tight_layout so the pixel size is exact:

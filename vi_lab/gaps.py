@@ -1,0 +1,587 @@
+"""The inference gap log p(x) - L[q] split into approximation and amortization gaps.
+
+For a trained model, an amortized guide q(z | x) and datapoints x (Cremer, Li &
+Duvenaud, "Inference Suboptimality in Variational Autoencoders", ICML 2018)::
+
+    log p(x) - L[q] = (log p(x) - L[q*])  +  (L[q*] - L[q])
+    inference gap      approximation gap     amortization gap
+
+where L[q] is the amortized guide's ELBO and q* the best guide *of the same family*
+for each datapoint on its own, found by optimizing a local (per-datapoint) guide that
+starts from the encoder's output until it converges. The approximation gap is what the
+family cannot do; the amortization gap is what the encoder fails to do. A richer local
+family (``rich_family``, full covariance by default) gives L[q*_rich], how far a better
+family would go. log p(x) is the importance-sampled estimate log p̂(x) with K draws
+from the best available proposal (q*, or q*_rich, is a better proposal than q), and
+Pareto-smoothed importance sampling's k-hat (arviz) says per datapoint whether it can
+be trusted (k-hat > 0.7: the estimate is unreliable; Vehtari et al., 2024).
+
+Semi-amortized inference (:func:`refine`, :func:`refinement_curve`) runs the same local
+optimization at test time for a fixed number of steps, closing part of the amortization
+gap; the curve shows how much each step budget buys.
+
+Everything is per datapoint in nats (higher ELBO is better, smaller gaps are better);
+means come with standard errors over the datapoints.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import arviz
+import numpy as np
+import torch
+from torch import nn
+
+from vi_lab import evaluate
+from vi_lab.guides import GUIDES
+from vi_lab.guides.local import LOCAL_GUIDES, LocalFit, LocalGuide, make_local_guide, optimize_local
+
+#: k-hat above which PSIS (and plain importance sampling) estimates are unreliable
+KHAT_THRESHOLD = 0.7
+
+#: the proposals log p̂(x) can be computed with, in the order they are tried
+PROPOSALS = ("q", "q_star", "q_star_rich")
+
+#: row labels of the Cremer-shaped table, keyed by the summary entry they show
+TABLE_ROWS = (
+    ("log_px", "log p̂(x)"),
+    ("elbo_rich", "L[q*_rich]"),
+    ("elbo_optimal", "L[q*]"),
+    ("elbo_amortized", "L[q]"),
+    ("approximation_gap", "approximation gap"),
+    ("amortization_gap", "amortization gap"),
+    ("inference_gap", "inference gap"),
+)
+
+
+def mean_sem(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard error of the mean of per-datapoint values (finite entries only).
+
+    :param values: shape ``(N,)``.
+    :returns: ``(mean, sem)``; the sem is NaN for a single value.
+    """
+    v = values.detach().double().flatten()
+    v = v[torch.isfinite(v)]
+    if v.numel() == 0:
+        return float("nan"), float("nan")
+    sem = (v.std() / math.sqrt(v.numel())).item() if v.numel() > 1 else float("nan")
+    return v.mean().item(), sem
+
+
+def pareto_khat(log_weights: torch.Tensor) -> torch.Tensor:
+    """PSIS k-hat of the importance weights of each datapoint, via :func:`arviz.psislw`.
+
+    :param log_weights: ``(K, N)``: K log importance weights for each of N datapoints
+        (as :func:`vi_lab.evaluate.log_weights` returns them).
+    :returns: ``(N,)`` k-hat values, float64 on the CPU. Below 0.5 the weights have a
+        finite variance; above 0.7 the importance-sampled estimate is unreliable. When
+        all K weights of a datapoint are equal (up to 1e-6 nats), the proposal is the
+        exact posterior and k-hat is not defined: NaN is returned for that point.
+
+    Example::
+
+        lw = vi_lab.evaluate.log_weights(model, guide, x, num_samples=5000)
+        (pareto_khat(lw) > 0.7).float().mean()  # share of untrustworthy estimates
+    """
+    if log_weights.dim() != 2:
+        raise ValueError(f"log_weights must be (K, N), got shape {tuple(log_weights.shape)}")
+    lw = log_weights.detach().double().cpu().T.contiguous().numpy()  # (N, K): arviz wants samples last
+    _, khat = arviz.psislw(lw.copy(), normalize=False)
+    khat = torch.as_tensor(np.asarray(khat, dtype=np.float64)).reshape(-1)
+    constant = torch.as_tensor(lw.max(1) - lw.min(1) < 1e-6)
+    return torch.where(constant, torch.full_like(khat, float("nan")), khat)
+
+
+def guide_family(guide: Any) -> str:
+    """The :data:`vi_lab.guides.GUIDES` name of an amortized guide's class.
+
+    :raises ValueError: when the class is not registered (pass ``family=`` explicitly).
+    """
+    for name, cls in GUIDES.items():
+        if type(guide) is cls:
+            return name
+    raise ValueError(f"cannot tell the family of a {type(guide).__name__}: it is not a class in "
+                     f"vi_lab.guides.GUIDES; pass family= (one of {', '.join(sorted(LOCAL_GUIDES))})")
+
+
+def _check_family(name: str, what: str) -> str:
+    if name not in LOCAL_GUIDES:
+        raise ValueError(f"{what} {name!r} has no local (per-datapoint) guide; valid local families: "
+                         f"{', '.join(sorted(LOCAL_GUIDES))}")
+    return name
+
+
+@dataclass
+class ProposalResult:
+    """What K importance draws from one proposal give, per datapoint ``(N,)``."""
+
+    elbo: torch.Tensor  # mean of the K log weights: L[proposal]
+    log_px: torch.Tensor  # log-mean-exp of the K log weights: log p̂(x)
+    khat: torch.Tensor  # PSIS k-hat of the K weights
+
+
+@torch.no_grad()
+def score_proposal(model: Callable, guide: Callable, x: torch.Tensor, *args, num_samples: int = 5000,
+                   **kwargs) -> ProposalResult:
+    """ELBO, importance-sampled log p̂(x) and PSIS k-hat from the same K draws of one guide.
+
+    The ELBO is the mean of the log weights, log p̂(x) their log-mean-exp; sharing the
+    draws makes their difference (a gap) less noisy than two independent estimates.
+
+    :param model: Pyro model keeping the data-plate contract.
+    :param guide: the proposal, amortized or local (a local guide gets its full batch).
+    :param x: the N datapoints.
+    :param num_samples: K draws per datapoint.
+    :returns: :class:`ProposalResult` of ``(N,)`` tensors.
+    """
+    lw = evaluate.log_weights(model, guide, x, *args, num_samples=num_samples,
+                              batch_size=max(1, x.shape[0]), **kwargs)  # (K, N)
+    return ProposalResult(elbo=lw.mean(0), log_px=lw.logsumexp(0) - math.log(num_samples),
+                          khat=pareto_khat(lw).to(lw.device))
+
+
+@dataclass
+class GapReport:
+    """The inference-gap decomposition for one model/guide pair on N datapoints.
+
+    Per-datapoint tensors ``(N,)`` in nats; gaps are properties computed from them, so
+    ``approximation_gap + amortization_gap == inference_gap`` holds exactly.
+
+    :ivar label: name of the column (usually the guide family used in training).
+    :ivar log_px: log p̂(x), importance-sampled with ``num_samples`` draws from ``proposal``.
+    :ivar elbo_amortized: L[q], the amortized guide's ELBO.
+    :ivar elbo_optimal: L[q*], the ELBO of the locally optimized guide of ``family``.
+    :ivar elbo_rich: L[q*_rich] of ``rich_family`` (None when not computed).
+    :ivar khat: PSIS k-hat per proposal name (``"q"``, ``"q_star"``, ``"q_star_rich"``).
+    :ivar log_px_by_proposal: log p̂(x) under each proposal.
+    :ivar proposal: the proposal ``log_px`` comes from.
+    :ivar family: local family of q* (the amortized guide's own family).
+    :ivar rich_family: local family of q*_rich.
+    :ivar fits: :class:`~vi_lab.guides.local.LocalFit` per local optimization
+        (``"q_star"``, ``"q_star_rich"``): steps used and the convergence criterion.
+    :ivar num_samples: K, draws per datapoint for every ELBO and log p̂(x) here.
+    :ivar local_guides: the optimized local guides (not serialized), e.g. to reuse q*.
+    """
+
+    label: str
+    log_px: torch.Tensor
+    elbo_amortized: torch.Tensor
+    elbo_optimal: torch.Tensor
+    elbo_rich: torch.Tensor | None
+    khat: dict[str, torch.Tensor]
+    log_px_by_proposal: dict[str, torch.Tensor]
+    proposal: str
+    family: str
+    rich_family: str | None
+    fits: dict[str, LocalFit]
+    num_samples: int
+    seconds: float = float("nan")
+    local_guides: dict[str, LocalGuide] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_points(self) -> int:
+        return self.log_px.shape[0]
+
+    @property
+    def approximation_gap(self) -> torch.Tensor:
+        """log p̂(x) - L[q*] per datapoint: what the family cannot represent."""
+        return self.log_px - self.elbo_optimal
+
+    @property
+    def amortization_gap(self) -> torch.Tensor:
+        """L[q*] - L[q] per datapoint: what the encoder leaves on the table."""
+        return self.elbo_optimal - self.elbo_amortized
+
+    @property
+    def inference_gap(self) -> torch.Tensor:
+        """log p̂(x) - L[q] per datapoint: the sum of the two."""
+        return self.log_px - self.elbo_amortized
+
+    def per_datapoint(self) -> dict[str, torch.Tensor]:
+        """Every per-datapoint quantity by name (the keys of :data:`TABLE_ROWS` and k-hats)."""
+        out = {
+            "log_px": self.log_px,
+            "elbo_amortized": self.elbo_amortized,
+            "elbo_optimal": self.elbo_optimal,
+            "approximation_gap": self.approximation_gap,
+            "amortization_gap": self.amortization_gap,
+            "inference_gap": self.inference_gap,
+        }
+        if self.elbo_rich is not None:
+            out["elbo_rich"] = self.elbo_rich
+        out.update({f"khat_{k}": v for k, v in self.khat.items()})
+        out.update({f"log_px_{k}": v for k, v in self.log_px_by_proposal.items()})
+        return out
+
+    def khat_share_above(self, threshold: float = KHAT_THRESHOLD) -> dict[str, float]:
+        """Share of datapoints whose k-hat exceeds ``threshold``, per proposal (NaN k-hat counts as below)."""
+        return {k: (v > threshold).double().mean().item() for k, v in self.khat.items()}
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """``{name: {"mean": ..., "sem": ...}}`` over datapoints for every per-datapoint quantity."""
+        return {k: dict(zip(("mean", "sem"), mean_sem(v))) for k, v in self.per_datapoint().items()}
+
+    def to_dict(self, per_datapoint: bool = True) -> dict[str, Any]:
+        """JSON-ready dict: settings, convergence of each local fit, summary, and (optionally) per-datapoint lists."""
+        d: dict[str, Any] = {
+            "label": self.label,
+            "units": "nats per datapoint (ELBO and log p(x): higher is better; gaps: smaller is better)",
+            "num_points": self.num_points,
+            "num_samples": self.num_samples,
+            "proposal": self.proposal,
+            "family": self.family,
+            "rich_family": self.rich_family,
+            "seconds": self.seconds,
+            "local_fits": {k: {"steps": f.steps, "converged": f.converged, "criterion": f.criterion,
+                               "final_loss": f.losses[-1] if f.losses else None}
+                           for k, f in self.fits.items()},
+            "khat_threshold": KHAT_THRESHOLD,
+            "khat_share_above": self.khat_share_above(),
+            "summary": self.summary(),
+        }
+        if per_datapoint:
+            d["per_datapoint"] = {k: [None if not math.isfinite(x) else x for x in v.detach().double().cpu().tolist()]
+                                  for k, v in self.per_datapoint().items()}
+        return d
+
+    def save_json(self, path: str | Path, per_datapoint: bool = True) -> Path:
+        """Write :meth:`to_dict` to ``path``."""
+        from vi_lab.runs import write_json  # deferred: runs pulls in the data layer
+
+        return write_json(path, self.to_dict(per_datapoint))
+
+    def table(self) -> str:
+        """This report as a one-column :func:`gap_table`."""
+        return gap_table([self])
+
+
+def _summary_of(report: GapReport | dict) -> tuple[str, dict, dict]:
+    d = report.to_dict(per_datapoint=False) if isinstance(report, GapReport) else report
+    return d["label"], d["summary"], d.get("khat_share_above", {})
+
+
+def gap_table(reports: Sequence[GapReport | dict]) -> str:
+    """A text table in the shape of Cremer et al.'s Table 2: rows log p̂(x), L[q*_rich], L[q*], L[q]
+    and the three gaps, one column per report; entries ``mean ± sem`` in nats per datapoint,
+    plus the share of datapoints with k-hat > 0.7 under q and under q*.
+
+    :param reports: :class:`GapReport` objects or their :meth:`GapReport.to_dict` form
+        (e.g. read back from ``gaps.json``).
+
+    Example::
+
+        print(gap_table([report_mean_field, report_full_cov]))
+    """
+    from vi_lab.runs import format_table  # deferred: runs pulls in the data layer
+
+    cols = [_summary_of(r) for r in reports]
+    rows: list[tuple[str, ...]] = [("nats per datapoint", *[label for label, _, _ in cols])]
+    for key, name in TABLE_ROWS:
+        cells = []
+        for _, summary, _ in cols:
+            s = summary.get(key)
+            cells.append("-" if s is None else f"{s['mean']:.2f} ± {s['sem']:.2f}")
+        rows.append((name, *cells))
+    for prop, name in (("q", "k-hat > 0.7 under q"), ("q_star", "k-hat > 0.7 under q*")):
+        rows.append((name, *[f"{100 * share[prop]:.0f}%" if prop in share else "-" for _, _, share in cols]))
+    return format_table(rows)
+
+
+def _as_lrs(lr: float | Sequence[float]) -> tuple[float, ...]:
+    lrs = (float(lr),) if isinstance(lr, (int, float)) else tuple(float(v) for v in lr)
+    if not lrs or any(not (v > 0 and math.isfinite(v)) for v in lrs):
+        raise ValueError(f"lr must be a positive number or a sequence of them (stages), got {lr!r}")
+    return lrs
+
+
+def optimize_in_stages(
+    model: Callable,
+    local: LocalGuide,
+    x: torch.Tensor,
+    *args,
+    lr: float | Sequence[float] = (1e-2, 1e-3),
+    max_steps: int = 5000,
+    num_particles: int = 16,
+    window: int = 100,
+    tol: float = 1e-3,
+    **kwargs,
+) -> LocalFit:
+    """:func:`~vi_lab.guides.local.optimize_local` once per learning rate, each stage to convergence.
+
+    Adam at a constant learning rate stops *near* the optimum, jittering by about one
+    step in every parameter; for a tight posterior that jitter costs a visible part of
+    a nat. A second stage at a tenth of the rate removes most of it, which matters when
+    L[q*] is compared with exact values or small gaps.
+
+    :param lr: one learning rate or a decreasing sequence of them (one stage each).
+    :param max_steps: budget over all stages together.
+    :returns: one :class:`~vi_lab.guides.local.LocalFit` for all stages (``converged``:
+        the last stage met the window rule).
+    """
+    lrs = _as_lrs(lr)
+    losses: list[float] = []
+    converged = False
+    for stage_lr in lrs:
+        left = max_steps - len(losses)
+        if left <= 0:
+            converged = False
+            break
+        fit = optimize_local(model, local, x, *args, max_steps=left, lr=stage_lr, num_particles=num_particles,
+                             window=window, tol=tol, **kwargs)
+        losses.extend(fit.losses)
+        converged = fit.converged
+    criterion = (f"Adam with lr {' then '.join(f'{v:g}' for v in lrs)}, each stage until the mean -ELBO over a "
+                 f"{window}-step window improves by < {tol:g} nats per datapoint ({num_particles} draws per step); "
+                 f"{max_steps} steps at most")
+    return LocalFit(steps=len(losses), converged=converged, criterion=criterion, losses=losses)
+
+
+def _local(family: str, guide: Any, x: torch.Tensor, *, label: str) -> LocalGuide:
+    local = make_local_guide(family, init_from=guide, x=x)
+    # its own param-store prefix: optimize_local clears the prefix, so q* and q*_rich must not share one
+    local.name = label
+    return local
+
+
+def inference_gaps(
+    model: Callable,
+    guide: nn.Module,
+    x: torch.Tensor,
+    *args,
+    family: str | None = None,
+    rich_family: str | None = "full_cov",
+    num_samples: int = 5000,
+    proposal: str = "auto",
+    max_steps: int = 5000,
+    lr: float | Sequence[float] = (1e-2, 1e-3),
+    num_particles: int = 16,
+    window: int = 100,
+    tol: float = 1e-3,
+    label: str | None = None,
+    **kwargs,
+) -> GapReport:
+    """Decompose the inference gap of an amortized guide on datapoints ``x``.
+
+    Steps: L[q] from K draws of the amortized guide; q* = a local guide of ``family``
+    initialized from the guide's output for ``x`` and optimized (model fixed, Adam,
+    ``num_particles`` draws per step) until the mean -ELBO over a ``window``-step window
+    improves by less than ``tol`` nats per datapoint, or ``max_steps``; the same for
+    ``rich_family``; then K draws from each proposal give its ELBO, log p̂(x) and k-hat.
+
+    :param model: trained Pyro model (not updated).
+    :param guide: trained amortized guide with ``get_posterior(x)`` (any vi_lab guide).
+    :param x: the N datapoints, already in the form the model scores (e.g. binarized).
+    :param family: local family of q*; default: the guide's own family (:func:`guide_family`).
+    :param rich_family: a richer local family for L[q*_rich], or None to skip it; when it
+        equals ``family``, q* is reused.
+    :param num_samples: K draws per datapoint for every ELBO, log p̂(x) and k-hat.
+    :param proposal: which guide's draws give the reported log p̂(x): ``"q"``,
+        ``"q_star"``, ``"q_star_rich"``, or ``"auto"`` (the one with the highest mean
+        ELBO, i.e. closest to the posterior in KL(q || p); every proposal's estimate is
+        kept in ``log_px_by_proposal``).
+    :param max_steps: step budget of each local optimization (all stages together).
+    :param lr: Adam learning rate of the local optimizations, or a decreasing sequence
+        of rates run one after the other, each to convergence (:func:`optimize_in_stages`).
+    :param num_particles: ELBO draws per optimization step.
+    :param window: convergence window in steps.
+    :param tol: convergence threshold, nats per datapoint per window.
+    :param label: the report's column name (default: the guide's family).
+    :returns: :class:`GapReport`.
+
+    Example::
+
+        report = inference_gaps(vae, guide, x_test[:100], num_samples=5000)
+        print(report.table())
+        report.save_json("runs/gaps/mean_field.json")
+    """
+    if proposal not in ("auto", *PROPOSALS):
+        raise ValueError(f"unknown proposal {proposal!r}; valid: auto, {', '.join(PROPOSALS)}")
+    if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError("x must be a non-empty tensor of datapoints with the batch first")
+    family = _check_family(family or guide_family(guide), "family")
+    if rich_family is not None:
+        _check_family(rich_family, "rich_family")
+    if proposal == "q_star_rich" and rich_family is None:
+        raise ValueError("proposal='q_star_rich' needs a rich_family")
+    t0 = time.perf_counter()
+    opt = dict(max_steps=max_steps, lr=_as_lrs(lr), num_particles=num_particles, window=window, tol=tol)
+
+    local_guides: dict[str, LocalGuide] = {}
+    fits: dict[str, LocalFit] = {}
+    q_star = _local(family, guide, x, label="gaps_q_star")
+    fits["q_star"] = optimize_in_stages(model, q_star, x, *args, **opt, **kwargs)
+    local_guides["q_star"] = q_star
+    if rich_family is not None:
+        if rich_family == family:
+            local_guides["q_star_rich"], fits["q_star_rich"] = q_star, fits["q_star"]
+        else:
+            rich = _local(rich_family, guide, x, label="gaps_q_star_rich")
+            fits["q_star_rich"] = optimize_in_stages(model, rich, x, *args, **opt, **kwargs)
+            local_guides["q_star_rich"] = rich
+
+    scored = {"q": score_proposal(model, guide, x, *args, num_samples=num_samples, **kwargs)}
+    for name, local in local_guides.items():
+        if name == "q_star_rich" and local is q_star:
+            scored[name] = scored["q_star"]
+        else:
+            scored[name] = score_proposal(model, local, x, *args, num_samples=num_samples, **kwargs)
+    if proposal == "auto":
+        proposal = max(scored, key=lambda k: scored[k].elbo.mean().item())
+    return GapReport(
+        label=label or family,
+        log_px=scored[proposal].log_px,
+        elbo_amortized=scored["q"].elbo,
+        elbo_optimal=scored["q_star"].elbo,
+        elbo_rich=scored["q_star_rich"].elbo if "q_star_rich" in scored else None,
+        khat={k: v.khat for k, v in scored.items()},
+        log_px_by_proposal={k: v.log_px for k, v in scored.items()},
+        proposal=proposal,
+        family=family,
+        rich_family=rich_family,
+        fits=fits,
+        num_samples=num_samples,
+        seconds=time.perf_counter() - t0,
+        local_guides=local_guides,
+    )
+
+
+def refine(
+    model: Callable,
+    guide: nn.Module,
+    x: torch.Tensor,
+    *args,
+    steps: int = 100,
+    family: str | None = None,
+    lr: float = 1e-2,
+    num_particles: int = 16,
+    name: str = "refined_guide",
+    **kwargs,
+) -> tuple[LocalGuide, LocalFit]:
+    """Semi-amortized inference: start from the encoder's q(z | x) and take ``steps`` local steps.
+
+    The returned local guide is q(z | x) for exactly these N points, better than the
+    amortized one by part of the amortization gap; it works with every evaluator
+    (pass ``batch_size >= N``) and as a proposal for importance sampling.
+
+    :param model: trained Pyro model (not updated).
+    :param guide: amortized guide with ``get_posterior(x)``.
+    :param x: the N datapoints.
+    :param steps: number of Adam steps (exactly this many: no early stop).
+    :param family: local family (default: the guide's own).
+    :param lr: Adam learning rate.
+    :param num_particles: ELBO draws per step.
+    :param name: param-store prefix of the refined guide.
+    :returns: ``(local_guide, fit)``.
+
+    Example::
+
+        refined, _ = refine(vae, guide, x_test[:100], steps=200)
+        vi_lab.evaluate.elbo(vae, refined, x_test[:100], num_samples=100, batch_size=100).mean()
+    """
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+    family = _check_family(family or guide_family(guide), "family")
+    local = _local(family, guide, x, label=name)
+    # tol = -inf: the window rule never fires, so exactly `steps` steps are taken
+    fit = optimize_local(model, local, x, *args, max_steps=steps, lr=lr, num_particles=num_particles,
+                         window=max(1, steps), tol=float("-inf"), **kwargs)
+    return local, fit
+
+
+@dataclass
+class RefinementCurve:
+    """L[q_t] after t refinement steps from the amortized q, per datapoint, for each t.
+
+    :ivar label: curve name (guide family).
+    :ivar steps: the step budgets t (0 is the amortized guide itself).
+    :ivar elbo: per budget, ``(N,)`` ELBOs.
+    :ivar elbo_optimal: L[q*] per datapoint when a :class:`GapReport` was given (then
+        :meth:`remaining_gap` is the amortization gap left after t steps).
+    :ivar log_px: log p̂(x) per datapoint when a report was given.
+    """
+
+    label: str
+    steps: list[int]
+    elbo: list[torch.Tensor]
+    elbo_optimal: torch.Tensor | None = None
+    log_px: torch.Tensor | None = None
+    seconds: list[float] = field(default_factory=list)
+
+    def remaining_gap(self) -> list[torch.Tensor]:
+        """L[q*] - L[q_t] per budget: the amortization gap still open after t steps."""
+        if self.elbo_optimal is None:
+            raise ValueError("no L[q*] to compare with: build the curve with report=")
+        return [self.elbo_optimal - e for e in self.elbo]
+
+    def to_dict(self, per_datapoint: bool = False) -> dict[str, Any]:
+        """JSON-ready: means and standard errors per budget (and per-datapoint ELBOs if asked)."""
+        d: dict[str, Any] = {"label": self.label, "steps": self.steps, "seconds": self.seconds,
+                             "units": "nats per datapoint",
+                             "elbo": [dict(zip(("mean", "sem"), mean_sem(e))) for e in self.elbo]}
+        if self.elbo_optimal is not None:
+            d["amortization_gap"] = [dict(zip(("mean", "sem"), mean_sem(g))) for g in self.remaining_gap()]
+        if self.log_px is not None:
+            d["inference_gap"] = [dict(zip(("mean", "sem"), mean_sem(self.log_px - e))) for e in self.elbo]
+        if per_datapoint:
+            d["per_datapoint_elbo"] = [e.detach().double().cpu().tolist() for e in self.elbo]
+        return d
+
+
+def refinement_curve(
+    model: Callable,
+    guide: nn.Module,
+    x: torch.Tensor,
+    *args,
+    steps: Sequence[int] = (0, 10, 30, 100, 300, 1000),
+    report: GapReport | None = None,
+    family: str | None = None,
+    num_samples: int = 1000,
+    lr: float = 1e-2,
+    num_particles: int = 16,
+    label: str | None = None,
+    **kwargs,
+) -> RefinementCurve:
+    """The gap against the number of semi-amortized refinement steps.
+
+    Each budget t is a fresh :func:`refine` run of t steps from the encoder's output (what
+    a user with that budget would get), scored with ``num_samples`` draws per datapoint.
+
+    :param steps: step budgets, e.g. ``(0, 10, 100, 1000)``; 0 scores the amortized guide.
+    :param report: the :class:`GapReport` of the same guide and points, for L[q*] and
+        log p̂(x) (the curve then shows the remaining amortization and inference gaps).
+    :param family: local family (default: the report's, else the guide's own).
+    :param num_samples: draws per datapoint for each ELBO.
+    :returns: :class:`RefinementCurve`.
+
+    Example::
+
+        curve = refinement_curve(vae, guide, x, steps=(0, 10, 100), report=report)
+        [g.mean().item() for g in curve.remaining_gap()]  # shrinks towards 0
+    """
+    budgets = sorted({int(s) for s in steps})
+    if not budgets or budgets[0] < 0:
+        raise ValueError(f"steps must be non-negative integers, got {list(steps)!r}")
+    family = family or (report.family if report is not None else None)
+    if report is not None and report.num_points != x.shape[0]:
+        raise ValueError(f"the report covers {report.num_points} datapoints but x has {x.shape[0]}")
+    elbos, seconds = [], []
+    for t in budgets:
+        t0 = time.perf_counter()
+        local, _ = refine(model, guide, x, *args, steps=t, family=family, lr=lr, num_particles=num_particles,
+                          **kwargs)
+        q = guide if t == 0 else local
+        elbos.append(evaluate.elbo(model, q, x, *args, num_samples=num_samples, batch_size=max(1, x.shape[0]),
+                                   **kwargs))
+        seconds.append(time.perf_counter() - t0)
+    return RefinementCurve(
+        label=label or (report.label if report is not None else guide_family(guide)),
+        steps=budgets, elbo=elbos,
+        elbo_optimal=report.elbo_optimal if report is not None else None,
+        log_px=report.log_px if report is not None else None,
+        seconds=seconds,
+    )
