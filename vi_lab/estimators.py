@@ -630,6 +630,18 @@ class GradientStats:
         dist_ = (self.mean - reference.to(self.mean)).norm().item()
         return dist_ / noise if noise > 0 else (0.0 if dist_ == 0 else math.inf)
 
+    def snr_given(self, reference: torch.Tensor) -> float:
+        """``||reference|| / sqrt(tr Cov)``: the SNR with ``E g`` taken from a better estimate.
+
+        Unbiased estimators share ``E g``; with few draws of a noisy one, its own debiased
+        mean is dominated by noise, so the exact gradient (``enum``) or the mean of the
+        least noisy unbiased estimator measures the signal better.
+
+        :param reference: ``(P,)`` estimate of ``E g``.
+        """
+        norm = reference.norm().item()
+        return norm / math.sqrt(self.variance) if self.variance > 0 else math.inf
+
     def as_dict(self) -> dict[str, Any]:
         return {"estimator": self.estimator, "group": self.group, "num_draws": self.num_draws,
                 "num_params": self.num_params, "mean_norm": self.mean_norm,
@@ -804,24 +816,26 @@ def stats_table(stats: dict[str, dict[str, GradientStats]], reference: dict[str,
     """Rows for :func:`vi_lab.runs.format_table`: estimator, group, ||mean||, variance, SNR.
 
     :param stats: ``{estimator label: gradient_stats(...)}``.
-    :param reference: ``{group: exact gradient}`` to add a ``bias z`` column (about 1
-        when unbiased).
+    :param reference: ``{group: reference gradient}`` (exact, or the mean of the least
+        noisy unbiased estimator) to add ``SNR (ref)`` (:meth:`GradientStats.snr_given`)
+        and ``bias z`` (:meth:`GradientStats.bias_z`, about 1 when unbiased) columns.
     """
     header = ["estimator", "group", "params", "||mean||", "variance (tr Cov)", "SNR"]
     if reference is not None:
-        header.append("bias z")
+        header += ["SNR (ref)", "bias z"]
     rows: list[tuple] = [tuple(header)]
     for label, by_group in stats.items():
         for g, s in by_group.items():
             row = [label, g, s.num_params, f"{s.mean_norm_debiased:.4g}", f"{s.variance:.4g}", f"{s.snr:.3g}"]
             if reference is not None:
-                row.append(f"{s.bias_z(reference[g]):.2f}" if g in reference else "")
+                row += ([f"{s.snr_given(reference[g]):.3g}", f"{s.bias_z(reference[g]):.2f}"] if g in reference
+                        else ["", ""])
             rows.append(tuple(row))
     return rows
 
 
 __all__ = [
     "BASELINES", "ESTIMATORS", "BaselineNet", "Estimator", "GradientStats", "PreparedEstimator", "Relax",
-    "ScoreFunction", "ScoredDistribution", "StraightThrough", "gradient_stats", "make_estimator", "param_groups", "prepare",
-    "stats_table", "without_rsample",
+    "ScoreFunction", "ScoredDistribution", "StraightThrough", "gradient_stats", "make_estimator", "param_groups",
+    "prepare", "stats_table", "without_rsample",
 ]
