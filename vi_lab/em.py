@@ -127,12 +127,13 @@ class EMResult:
 
 
 @torch.no_grad()
-def e_step(model: LatentClassModel, x: torch.Tensor, *, chunk: int = CHUNK) -> tuple[float, Stats]:
+def e_step(model: LatentClassModel, x: torch.Tensor, *, chunk: int = CHUNK, check: bool = True) -> tuple[float, Stats]:
     """Exact E-step over the whole dataset, in chunks.
 
     :param model: a log-linear latent-class model.
     :param x: the data, in the model's observation space.
     :param chunk: datapoints per chunk (memory bound).
+    :param check: validate ``x`` first (:func:`em` checks once, not every iteration).
     :returns: ``(total log p(x), stats)``: the exact log-likelihood summed over the data
         (nats) and the expected sufficient statistics (summed over chunks).
 
@@ -141,9 +142,11 @@ def e_step(model: LatentClassModel, x: torch.Tensor, *, chunk: int = CHUNK) -> t
         total, stats = e_step(model, x)
         stats["counts"]  # expected class counts N_k, sums to len(x)
     """
+    if check:
+        model.check_x(x)
     total, stats = 0.0, None
     for xc in x.split(chunk):
-        log_joint = model.log_joint(xc)  # (B, K)
+        log_joint = model.component_log_prob(xc) + model.log_prior()  # (B, K)
         log_px = log_joint.logsumexp(-1, keepdim=True)  # (B, 1)
         total += log_px.sum().item()
         s = model.expected_stats(xc, (log_joint - log_px).exp())
@@ -215,7 +218,7 @@ def _run_once(model: LatentClassModel, x: torch.Tensor, run: EMRun, *, max_iters
     t0 = time.perf_counter()
     n = len(x)
     for it in range(max_iters + 1):
-        total, stats = e_step(model, x, chunk=chunk)
+        total, stats = e_step(model, x, chunk=chunk, check=False)
         ll = total / n
         if not math.isfinite(ll):
             raise FloatingPointError(f"EM's log-likelihood became {ll} at iteration {it} (seed {run.seed})")
