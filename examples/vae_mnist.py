@@ -24,7 +24,7 @@ import vi_lab
 from vi_lab import evaluate, runs, viz
 from vi_lab.data import BINARIZATIONS
 from vi_lab.estimators import BASELINES, ESTIMATORS
-from vi_lab.guides import GUIDES
+from vi_lab.guides import GUIDES, guide_options
 from vi_lab.models import LIKELIHOODS
 from vi_lab.nets import ARCHS
 
@@ -41,6 +41,9 @@ class Config:
     binarize: str | None = None  # None: dynamic for bernoulli, none otherwise
     beta: float = 1.0
     guide: str = "mean_field"
+    flow_steps: int | None = None  # iaf / planar / radial (None: the family's default)
+    rank: int | None = None  # low_rank
+    components: int | None = None  # mixture
     loss: str = "trace"
     estimator: str = "reparam"  # gradient estimator (vi_lab.estimators.ESTIMATORS)
     baseline: str | None = None  # reinforce_baseline: decaying_avg (default) or nn
@@ -59,6 +62,10 @@ class Config:
     progress: bool = True
 
 
+#: guide family options settable from the command line (see vi_lab.guides.guide_options)
+FAMILY_FLAGS = {"flow_steps": "--flow-steps", "rank": "--rank", "components": "--components"}
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     runs.add_common_args(p)
@@ -70,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="default: dynamic for the bernoulli likelihood, none otherwise")
     p.add_argument("--beta", type=float, default=Config.beta, help="weight of the KL term (beta-VAE)")
     p.add_argument("--guide", default=Config.guide, help=f"guide family: {', '.join(sorted(GUIDES))}")
+    p.add_argument("--flow-steps", type=int, default=None, help="flow steps of iaf/planar/radial (default 2/8/8)")
+    p.add_argument("--rank", type=int, default=None, help="rank of the low_rank guide's factor (default 2)")
+    p.add_argument("--components", type=int, default=None, help="components of the mixture guide (default 5)")
     p.add_argument("--loss", choices=sorted(vi_lab.infer.LOSSES), default=Config.loss)
     p.add_argument("--estimator", choices=list(ESTIMATORS), default=Config.estimator,
                    help="gradient estimator: pathwise (reparam) or score function (reinforce, reinforce_baseline)")
@@ -84,13 +94,24 @@ def parse_args(argv: list[str] | None = None) -> Config:
     cfg = Config(**kw)
     if cfg.guide not in GUIDES:
         p.error(f"unknown guide {cfg.guide!r}; valid names: {', '.join(sorted(GUIDES))}")
+    takes = [o for o in guide_options(cfg.guide) if o in FAMILY_FLAGS]
+    for option in guide_kwargs(cfg):
+        if option not in takes:
+            flags = ", ".join(FAMILY_FLAGS[o] for o in takes) or "no family options"
+            p.error(f"{FAMILY_FLAGS[option]} does not apply to the {cfg.guide} guide (it takes {flags})")
     return cfg
+
+
+def guide_kwargs(cfg: Config) -> dict:
+    """The family options given on the command line (make_guide checks they apply)."""
+    return {k: getattr(cfg, k) for k in FAMILY_FLAGS if getattr(cfg, k) is not None}
 
 
 def build(cfg: Config) -> tuple[vi_lab.VAE, torch.nn.Module]:
     """The model/guide pair a config describes."""
     model = vi_lab.VAE(cfg.latent_dim, list(cfg.hidden)[::-1], arch=cfg.arch, likelihood=cfg.likelihood, beta=cfg.beta)
-    guide = vi_lab.make_guide(cfg.guide, latent_dim=cfg.latent_dim, hidden=list(cfg.hidden), arch=cfg.arch)
+    guide = vi_lab.make_guide(cfg.guide, latent_dim=cfg.latent_dim, hidden=list(cfg.hidden), arch=cfg.arch,
+                              **guide_kwargs(cfg))
     return model, guide
 
 
@@ -133,6 +154,7 @@ def main(cfg: Config) -> dict:
         "data_source": source,
         "device": result.device,
         "guide": cfg.guide,
+        "guide_options": guide_kwargs(cfg),
         "units": "nats per datapoint (higher is better)",
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "command": runs.command_line(),
