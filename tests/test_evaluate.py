@@ -103,3 +103,24 @@ def test_bad_num_samples_is_a_clear_error(ppca, bad):
     model, x = ppca
     with pytest.raises(ValueError, match="num_samples must be a positive integer"):
         evaluate.elbo(model, PPCAPosteriorGuide(model), x, num_samples=bad)
+
+
+def test_latents_the_guide_does_not_sample_are_proposed_from_the_prior(ppca):
+    model, x = ppca
+
+    def empty_guide(x):
+        pass
+
+    # prior as proposal: a valid (loose) importance sampler of the exact log p(x)
+    ll = evaluate.log_likelihood(model, empty_guide, x[:5], num_samples=200000)
+    assert torch.allclose(ll, model.log_marginal(x[:5]), atol=0.1)
+
+
+def test_enumerated_sites_without_a_guide_are_a_clear_error():
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Categorical(torch.ones(3) / 3), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(z.float(), 1.0), obs=x)
+
+    with pytest.raises(ValueError, match="marked for enumeration"):
+        evaluate.elbo(model, lambda x: None, torch.zeros(4))

@@ -155,3 +155,37 @@ def test_fit_runs_on_cuda(mnist_slice):
     result = fit(model, guide, mnist_slice[:100], epochs=1, batch_size=50, device="cuda", progress=False)
     assert result.device.startswith("cuda")
     assert next(model.parameters()).is_cuda
+
+
+def test_resume_is_exact_for_hand_written_function_pairs(mnist_slice, tmp_path):
+    """Modules hidden inside plain model/guide functions are restored through the param store."""
+
+    def make_pair():
+        decoder = torch.nn.Sequential(torch.nn.Linear(3, 32), torch.nn.ReLU(), torch.nn.Linear(32, 784))
+        encoder = torch.nn.Linear(784, 6)
+
+        def model(x):
+            pyro.module("dec", decoder)
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", pyro.distributions.Normal(x.new_zeros(3), 1.0).to_event(1))
+                pyro.sample("x", pyro.distributions.Bernoulli(logits=decoder(z)).to_event(1), obs=x)
+
+        def guide(x):
+            pyro.module("enc", encoder)
+            scale = pyro.param("scale_floor", torch.tensor(0.01), constraint=pyro.distributions.constraints.positive)
+            with pyro.plate("data", x.shape[0]):
+                loc, raw = encoder(x).chunk(2, -1)
+                pyro.sample("z", pyro.distributions.Normal(loc, torch.nn.functional.softplus(raw) + scale).to_event(1))
+
+        return model, guide
+
+    x = mnist_slice[:120]
+    kwargs = dict(batch_size=40, lr=1e-2, progress=False, seed=1)
+    pyro.set_rng_seed(11)
+    straight = fit(*make_pair(), x, epochs=3, **kwargs)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(11)
+    fit(*make_pair(), x, epochs=2, checkpoint_dir=tmp_path, **kwargs)
+    pyro.clear_param_store()
+    resumed = fit(*make_pair(), x, epochs=3, checkpoint_dir=tmp_path, resume=True, **kwargs)
+    assert resumed.history[2]["train_elbo"] == pytest.approx(straight.history[2]["train_elbo"], abs=1e-9)

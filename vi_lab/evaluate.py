@@ -113,8 +113,18 @@ def log_weight_terms(
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, *args, **kwargs)
     zero = x.new_zeros(num_samples, batch)
     log_lik, log_prior, log_q = zero, zero, zero
-    for site in model_trace.nodes.values():
+    for name, site in model_trace.nodes.items():
         if site["type"] != "sample":
+            continue
+        if not site["is_observed"] and name not in guide_trace.nodes:
+            if site["infer"].get("enumerate"):
+                raise ValueError(
+                    f"site {name!r} is marked for enumeration and the guide does not sample it; these "
+                    "evaluators draw latents from the guide, so they would only give a prior-proposal "
+                    "estimate here. Sum it out exactly instead (e.g. TraceEnum_ELBO's loss, or "
+                    "vi_lab.models.loglinear's log_marginal), or sample it in the guide.")
+            # drawn from the prior inside the model: the prior is its proposal, and
+            # log p(z) - log q(z) cancels, so neither term enters the weight
             continue
         lp = _site_log_prob(site, nesting + 1)
         if site["is_observed"]:

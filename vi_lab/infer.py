@@ -144,33 +144,45 @@ def _modules(*objs: Any) -> list[torch.nn.Module]:
 
 def _state(model, guide, optim, epoch: int, history: list) -> dict[str, Any]:
     store = pyro.get_param_store()
-    # parameters of the model/guide modules travel in their state dicts; the param store
-    # section keeps the rest (pyro.param sites, modules hidden inside plain functions)
-    owned = {id(p) for m in _modules(model, guide) for p in m.parameters()}
-    names = [k for k in store.keys() if id(store._params[k]) not in owned]
     return {
         "epoch": epoch,
         "history": history,
+        # module state dicts let a user load the weights without Pyro; the param store
+        # (all of it: modules, pyro.param sites, baseline nets) is what resume restores
         "model": model.state_dict() if isinstance(model, torch.nn.Module) else None,
         "guide": guide.state_dict() if isinstance(guide, torch.nn.Module) else None,
-        "param_store": {"params": {k: store._params[k].detach().clone() for k in names},
-                        "constraints": {k: store._constraints[k] for k in names}},
+        "param_store": {"params": {k: v.detach().clone() for k, v in store._params.items()},
+                        "constraints": dict(store._constraints)},
         "optim": optim.get_state(),
         "rng": ckpt.rng_state(),
     }
 
 
-def _restore(state: dict[str, Any], model, guide, optim, path: Path) -> None:
+def _restore(state: dict[str, Any], model, guide, optim, svi: SVI, first_args: tuple, path: Path) -> None:
     for label, obj in (("model", model), ("guide", guide)):
         if state.get(label) is not None and isinstance(obj, torch.nn.Module):
             try:
                 obj.load_state_dict(state[label])
             except RuntimeError as err:
                 raise ValueError(f"checkpoint {path} was written for a different {label}: {err}") from None
+    # One evaluation registers every parameter the pair uses (pyro.module, pyro.param,
+    # baselines) under its own tensor; the saved values are then copied *into* those
+    # tensors, so modules hidden in plain functions stay tied to what the optimizer steps.
     pyro.clear_param_store()
-    pyro.get_param_store().set_state(state["param_store"])
+    with torch.no_grad():
+        svi.evaluate_loss(*first_args)
+    store = pyro.get_param_store()
+    saved = state["param_store"]
+    for name, value in saved["params"].items():
+        if name in store._params:
+            with torch.no_grad():
+                store._params[name].copy_(value)
+        else:
+            store._params[name] = value.clone().requires_grad_()
+            store._constraints[name] = saved["constraints"][name]
+            store._param_to_name[store._params[name]] = name
     optim.set_state(state["optim"])
-    ckpt.set_rng_state(state["rng"])
+    ckpt.set_rng_state(state["rng"])  # last: the registering evaluation drew random numbers
 
 
 def fit(
@@ -292,7 +304,8 @@ def fit(
         if path is None:
             raise ValueError("resume=True needs checkpoint_dir (or pass the checkpoint's path as resume=)")
         state = ckpt.load(path, map_location=dev)
-        _restore(state, model, guide, optim, path)
+        first = (x[:batch_size], extra[:batch_size]) if extra is not None else (x[:batch_size],)
+        _restore(state, model, guide, optim, svi, first, path)
         start_epoch, history = state["epoch"], list(state["history"])
     else:
         pyro.set_rng_seed(seed)
@@ -303,7 +316,7 @@ def fit(
     for epoch in range(start_epoch + 1, epochs + 1):
         for m in _modules(model, guide):
             m.train()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         total, seen = 0.0, 0
         bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
         for step, batch in enumerate(bar, start=1):
@@ -320,8 +333,9 @@ def fit(
             n = args[0].shape[0]
             total, seen = total - step_loss * n, seen + n
             bar.set_postfix(elbo=f"{total / seen:.2f}")
+        # CPU seconds beside wall seconds: on a shared machine wall time alone misleads
         record: dict[str, Any] = {"epoch": epoch, "train_elbo": total / seen,
-                                  "seconds": time.perf_counter() - t0}
+                                  "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
         if eval_x is not None:
             for m in _modules(model, guide):
                 m.eval()
