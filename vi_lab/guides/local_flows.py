@@ -107,7 +107,7 @@ class LocalFlow(LocalGuide):
         self._check_init(q)
         parts = _flow_parts(q)
         base = _base_normal(parts[0]) if parts is not None else None
-        if (base is not None and len(parts[1]) == self.flow_steps and all(self._matches(t) for t in parts[1])):
+        if base is not None and len(parts[1]) == self.flow_steps and all(self._matches(t) for t in parts[1]):
             # the same family: copy the base and every step's per-datapoint parameters
             self.loc.copy_(base.loc.expand_as(self.loc))
             self.raw_scale.copy_(inv_softplus((base.scale - MIN_SCALE).clamp_min(MIN_SCALE)).expand_as(self.loc))
