@@ -246,6 +246,8 @@ def test_estimator_errors_are_clear():
         Estimator("bogus")
     with pytest.raises(ValueError, match="unknown baseline 'avg'; valid: decaying_avg, nn"):
         prepare(toy_guide, "reinforce_baseline", baseline="avg")
+    with pytest.raises(ValueError, match="applies to estimator='reinforce_baseline' only"):
+        prepare(toy_guide, "reinforce", baseline="nn")
     with pytest.raises(ValueError, match="chooses its own Pyro objective"):
         prepare(toy_guide, "reinforce", loss="meanfield")
     with pytest.raises(ValueError, match="needs x_dim"):

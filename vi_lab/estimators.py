@@ -549,6 +549,9 @@ def prepare(
         svi = SVI(model, prepared.guide, Adam({"lr": 1e-3}), prepared.loss)
     """
     est = make_estimator(estimator, **({} if baseline is None else {"baseline": baseline}), **options)
+    if baseline is not None and est.name != "reinforce_baseline":
+        raise ValueError(f"baseline={baseline!r} applies to estimator='reinforce_baseline' only, "
+                         f"not {est.name!r}")
     spec = est.spec
     if spec.objective is None:
         from vi_lab.infer import make_loss  # infer imports this module
