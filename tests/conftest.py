@@ -14,7 +14,8 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if "VI_LAB_DATA" not in os.environ and SHARED_DATA.is_dir():
     os.environ["VI_LAB_DATA"] = str(SHARED_DATA)
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# tiny test models run faster on one thread (and a loaded machine does not thrash)
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
