@@ -28,6 +28,7 @@ import torch
 
 import vi_lab
 from vi_lab import gaps, runs, viz
+from vi_lab.checkpoint import load as load_checkpoint
 from vi_lab.guides import GUIDES
 from vi_lab.guides.local import LOCAL_GUIDES
 from vi_lab.nets import ARCHS
@@ -45,7 +46,7 @@ class Config:
     """Everything one run depends on; written into gaps.json."""
 
     guides: tuple[str, ...] = default_guides()
-    epochs: int = 10
+    epochs: int = 5
     latent_dim: int = 20
     hidden: tuple[int, ...] = (400,)
     arch: str = "mlp"
@@ -145,6 +146,40 @@ def build(cfg: Config, guide_name: str) -> tuple[vi_lab.VAE, torch.nn.Module]:
     return model, guide
 
 
+def train_or_load(cfg: Config, name: str, data: runs.RunData, device: torch.device,
+                  run_dir: Path) -> tuple[vi_lab.VAE, torch.nn.Module, dict]:
+    """The trained pair for one family: a checkpoint with ``cfg.epochs`` epochs is loaded as
+    it is; a shorter one is continued by fit(resume=True); without one, training starts fresh."""
+    model, guide = build(cfg, name)
+    path = run_dir / vi_lab.infer.CHECKPOINT_NAME
+    state = load_checkpoint(path, map_location=device) if path.is_file() else None
+    if state is not None and state["epoch"] >= cfg.epochs:
+        for label, module in (("model", model), ("guide", guide)):
+            try:
+                module.load_state_dict(state[label])
+            except RuntimeError as err:
+                raise ValueError(f"checkpoint {path} was written for a different {label} (check --latent-dim, "
+                                 f"--hidden, --arch): {err}") from None
+        model.to(device)
+        guide.to(device)
+        history, source = state["history"], "loaded"
+    else:
+        result = vi_lab.fit(
+            model, guide, data.x_train, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, device=device,
+            seed=cfg.seed, checkpoint_dir=run_dir, resume=state is not None, progress=cfg.progress,
+            binarize=data.fit_binarize, eval_data=data.x_test, eval_samples=1,
+        )
+        history, source = result.history, "continued" if state is not None else "trained"
+    model.eval()
+    guide.eval()
+    secs = [h["seconds"] for h in history]
+    info = {"epochs": len(history), "checkpoint": source, "checkpoint_path": str(path),
+            "seconds_per_epoch": sum(secs) / len(secs) if secs else float("nan"),
+            "train_elbo": history[-1]["train_elbo"] if history else None,
+            "test_elbo": history[-1].get("test_elbo") if history else None}
+    return model, guide, info
+
+
 def main(cfg: Config) -> dict:
     t_start = time.perf_counter()
     problems = _check(cfg)
@@ -160,20 +195,7 @@ def main(cfg: Config) -> dict:
 
     reports, curves, training = [], [], {}
     for name in cfg.guides:
-        model, guide = build(cfg, name)
-        run_dir = ckpt_root / name
-        resume = (run_dir / vi_lab.infer.CHECKPOINT_NAME).is_file()
-        result = vi_lab.fit(
-            model, guide, data.x_train, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, device=device,
-            seed=cfg.seed, checkpoint_dir=run_dir, resume=resume, progress=cfg.progress,
-            binarize=data.fit_binarize, eval_data=data.x_test, eval_samples=1,
-        )
-        model.eval()
-        guide.eval()
-        training[name] = {"epochs": len(result.history), "resumed_from_checkpoint": resume,
-                          "seconds_per_epoch": result.seconds_per_epoch, "train_elbo": result.train_elbo,
-                          "test_elbo": result.history[-1].get("test_elbo") if result.history else None,
-                          "checkpoint": str(result.checkpoint)}
+        model, guide, training[name] = train_or_load(cfg, name, data, device, ckpt_root / name)
         print(f"[{name}] gaps on {num_points} test images, K={cfg.eval_samples} ...", flush=True)
         report = gaps.inference_gaps(
             model, guide, x_gap, family=name, rich_family=cfg.rich_family, num_samples=cfg.eval_samples,

@@ -220,7 +220,7 @@ def test_example_smoke_and_checkpoint_reuse(tmp_path):
     record = json.loads((out / "gaps.json").read_text())
     assert [r["label"] for r in record["reports"]] == ["mean_field"]
     assert record["num_points"] == 4 and record["eval_samples"] == 10
-    assert record["training"]["mean_field"]["resumed_from_checkpoint"] is False
+    assert record["training"]["mean_field"]["checkpoint"] == "trained"
     assert "approximation gap" in proc.stdout and "amortization gap" in proc.stdout
 
     # a second run loads the first one's checkpoint instead of training again
@@ -232,7 +232,7 @@ def test_example_smoke_and_checkpoint_reuse(tmp_path):
     cfg = example.parse_args([*tiny, "--threads", str(torch.get_num_threads()), "--out", str(tmp_path / "again"),
                               "--checkpoints", str(out)])
     again = example.main(cfg)
-    assert again["training"]["mean_field"]["resumed_from_checkpoint"] is True
+    assert again["training"]["mean_field"]["checkpoint"] == "loaded"
     assert again["training"]["mean_field"]["train_elbo"] == pytest.approx(record["training"]["mean_field"]["train_elbo"])
     with pytest.raises(SystemExit):
         example.parse_args(["--guides", "no_such_guide"])

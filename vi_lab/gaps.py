@@ -40,6 +40,7 @@ from torch import nn
 from vi_lab import evaluate
 from vi_lab.guides import GUIDES
 from vi_lab.guides.local import LOCAL_GUIDES, LocalFit, LocalGuide, make_local_guide, optimize_local
+from vi_lab.runs import format_table, write_json
 
 #: k-hat above which PSIS (and plain importance sampling) estimates are unreliable
 KHAT_THRESHOLD = 0.7
@@ -71,6 +72,17 @@ def mean_sem(values: torch.Tensor) -> tuple[float, float]:
         return float("nan"), float("nan")
     sem = (v.std() / math.sqrt(v.numel())).item() if v.numel() > 1 else float("nan")
     return v.mean().item(), sem
+
+
+def _stat(values: torch.Tensor) -> dict[str, float | None]:
+    """``{"mean", "sem"}`` for JSON: non-finite numbers (a single point's sem) become None."""
+    return {k: (v if math.isfinite(v) else None) for k, v in zip(("mean", "sem"), mean_sem(values))}
+
+
+def _fmt(stat: dict | None) -> str:
+    if stat is None or stat.get("mean") is None:
+        return "-"
+    return f"{stat['mean']:.2f}" + (f" ± {stat['sem']:.2f}" if stat.get("sem") is not None else "")
 
 
 def pareto_khat(log_weights: torch.Tensor) -> torch.Tensor:
@@ -222,9 +234,10 @@ class GapReport:
         """Share of datapoints whose k-hat exceeds ``threshold``, per proposal (NaN k-hat counts as below)."""
         return {k: (v > threshold).double().mean().item() for k, v in self.khat.items()}
 
-    def summary(self) -> dict[str, dict[str, float]]:
-        """``{name: {"mean": ..., "sem": ...}}`` over datapoints for every per-datapoint quantity."""
-        return {k: dict(zip(("mean", "sem"), mean_sem(v))) for k, v in self.per_datapoint().items()}
+    def summary(self) -> dict[str, dict[str, float | None]]:
+        """``{name: {"mean": ..., "sem": ...}}`` over datapoints for every per-datapoint quantity
+        (None where undefined, e.g. the sem of one point or the mean of all-NaN k-hats)."""
+        return {k: _stat(v) for k, v in self.per_datapoint().items()}
 
     def to_dict(self, per_datapoint: bool = True) -> dict[str, Any]:
         """JSON-ready dict: settings, convergence of each local fit, summary, and (optionally) per-datapoint lists."""
@@ -251,8 +264,6 @@ class GapReport:
 
     def save_json(self, path: str | Path, per_datapoint: bool = True) -> Path:
         """Write :meth:`to_dict` to ``path``."""
-        from vi_lab.runs import write_json  # deferred: runs pulls in the data layer
-
         return write_json(path, self.to_dict(per_datapoint))
 
     def table(self) -> str:
@@ -277,16 +288,10 @@ def gap_table(reports: Sequence[GapReport | dict]) -> str:
 
         print(gap_table([report_mean_field, report_full_cov]))
     """
-    from vi_lab.runs import format_table  # deferred: runs pulls in the data layer
-
     cols = [_summary_of(r) for r in reports]
     rows: list[tuple[str, ...]] = [("nats per datapoint", *[label for label, _, _ in cols])]
     for key, name in TABLE_ROWS:
-        cells = []
-        for _, summary, _ in cols:
-            s = summary.get(key)
-            cells.append("-" if s is None else f"{s['mean']:.2f} ± {s['sem']:.2f}")
-        rows.append((name, *cells))
+        rows.append((name, *[_fmt(summary.get(key)) for _, summary, _ in cols]))
     for prop, name in (("q", "k-hat > 0.7 under q"), ("q_star", "k-hat > 0.7 under q*")):
         rows.append((name, *[f"{100 * share[prop]:.0f}%" if prop in share else "-" for _, _, share in cols]))
     return format_table(rows)
@@ -522,11 +527,11 @@ class RefinementCurve:
         """JSON-ready: means and standard errors per budget (and per-datapoint ELBOs if asked)."""
         d: dict[str, Any] = {"label": self.label, "steps": self.steps, "seconds": self.seconds,
                              "units": "nats per datapoint",
-                             "elbo": [dict(zip(("mean", "sem"), mean_sem(e))) for e in self.elbo]}
+                             "elbo": [_stat(e) for e in self.elbo]}
         if self.elbo_optimal is not None:
-            d["amortization_gap"] = [dict(zip(("mean", "sem"), mean_sem(g))) for g in self.remaining_gap()]
+            d["amortization_gap"] = [_stat(g) for g in self.remaining_gap()]
         if self.log_px is not None:
-            d["inference_gap"] = [dict(zip(("mean", "sem"), mean_sem(self.log_px - e))) for e in self.elbo]
+            d["inference_gap"] = [_stat(self.log_px - e) for e in self.elbo]
         if per_datapoint:
             d["per_datapoint_elbo"] = [e.detach().double().cpu().tolist() for e in self.elbo]
         return d

@@ -144,7 +144,7 @@ def save_gap_bars(reports: Sequence[Any], path: str | Path, *, title: str = "Inf
     ax.bar(xs, approx, width=0.6, color="tab:blue", label="approximation gap  log p̂(x) - L[q*]")
     ax.bar(xs, amort, width=0.6, bottom=approx, color="tab:orange", label="amortization gap  L[q*] - L[q]")
     tops = [a + b for a, b in zip(approx, amort)]
-    ax.errorbar(xs, tops, yerr=[0 if s != s else s for s in total_sem], fmt="none", ecolor="black", capsize=4)
+    ax.errorbar(xs, tops, yerr=[s or 0.0 for s in total_sem], fmt="none", ecolor="black", capsize=4)
     for x, a, b in zip(xs, approx, amort):
         ax.text(x, a / 2, f"{a:.2f}", ha="center", va="center", color="white", fontsize=9)
         ax.text(x, a + b / 2, f"{b:.2f}", ha="center", va="center", color="black", fontsize=9)
@@ -186,7 +186,7 @@ def save_refinement_curve(curves: Sequence[Any], path: str | Path, *,
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in records:
         mean = [p["mean"] for p in r[key]]
-        sem = [0.0 if p["sem"] != p["sem"] else p["sem"] for p in r[key]]
+        sem = [p["sem"] or 0.0 for p in r[key]]  # None: a single datapoint has no sem
         line, = ax.plot(r["steps"], mean, marker="o", label=r["label"])
         ax.fill_between(r["steps"], [m - s for m, s in zip(mean, sem)], [m + s for m, s in zip(mean, sem)],
                         color=line.get_color(), alpha=0.2)
