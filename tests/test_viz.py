@@ -19,14 +19,6 @@ from vi_lab.models.cvae import CVAE
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def pair():
     return VAE(3, [16]), make_guide("mean_field", latent_dim=3, hidden=[16])

@@ -22,15 +22,6 @@ from vi_lab.wake_sleep import AEVB, OBJECTIVES, ReweightedWakeSleep, fit_wake_sl
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: a second thread only contends with the other processes on a shared CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Identity(nn.Module):
     """Encoder trunk that passes x through: with it a MeanFieldGuide is linear-Gaussian in x."""
 

@@ -457,6 +457,7 @@ def save_bound_curves(panels: dict[str, dict[str, Sequence[tuple[float, float]]]
                       styles: dict[str, dict] | None = None, title: str = "Lower bound during training",
                       xlabel: str = "training samples evaluated", logx: bool = True,
                       ylabel: str = "ELBO (nats per datapoint, higher is better)",
+                      ylim: tuple[float, float] | None = None,
                       panel_inches: tuple[float, float] = (3.3, 3.2), dpi: int = 100) -> Path:
     """Curves of a bound against training progress, one panel per setting (Kingma & Welling, Fig. 2).
 
@@ -464,6 +465,7 @@ def save_bound_curves(panels: dict[str, dict[str, Sequence[tuple[float, float]]]
         ``{"D = 3": {"AEVB, test": [(1e3, -200.0), ...], "wake-sleep, test": [...]}}``.
     :param styles: series label -> matplotlib line keywords (same label, same style in every panel).
     :param logx: logarithmic x axis (as in the paper).
+    :param ylim: y range shared by the panels (default: all points).
     :param path: output PNG, ``(panel_inches[0] * len(panels)) x (panel_inches[1] + 0.5)`` inches.
     """
     if not panels:
@@ -483,6 +485,8 @@ def save_bound_curves(panels: dict[str, dict[str, Sequence[tuple[float, float]]]
             handles.setdefault(label, line)
         if logx:
             ax.set_xscale("log")
+        if ylim is not None:
+            ax.set_ylim(*ylim)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.grid(alpha=0.3)

@@ -25,14 +25,6 @@ from vi_lab.models.autoencoder import (
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 X = torch.bernoulli(torch.full((5, 12), 0.4))
 
 

@@ -14,14 +14,6 @@ from vi_lab.infer import training_objective
 from vi_lab.models import VAE
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def pair(beta: float):
     pyro.set_rng_seed(11)  # the same initial weights for every beta
     return VAE(2, [8], x_dim=6, beta=beta), make_guide("mean_field", latent_dim=2, hidden=[8], x_dim=6)

@@ -26,14 +26,6 @@ from vi_lab.models.cvae import (
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small(latent_dim=2, x_dim=6, num_classes=3):
     model = CVAE(latent_dim, [8], num_classes, x_dim=x_dim)
     guide = make_conditional_guide("mean_field", latent_dim=latent_dim, hidden=[8], num_classes=num_classes,
