@@ -59,6 +59,7 @@ class Config:
     local_particles: int = 16
     refine_steps: tuple[int, ...] = (0, 10, 30, 100, 300)
     refine_samples: int = 100
+    refine_lr: float | None = None  # None: the first --local-lr
     checkpoints: str | None = None
     dataset: str = "mnist"
     data_dir: str | None = None
@@ -101,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="refinement budgets for the curve, e.g. 0,10,100 (default %(default)s)")
     p.add_argument("--refine-samples", type=int, default=Config.refine_samples,
                    help="draws per datapoint for each point of the refinement curve")
+    p.add_argument("--refine-lr", type=float, default=None,
+                   help="Adam learning rate of the refinement curve (default: the first --local-lr)")
     p.add_argument("--checkpoints", default=None,
                    help="directory of <guide>/last.pt checkpoints to load or continue (default: --out)")
     kw = vars(p.parse_args(argv))
@@ -133,6 +136,8 @@ def _check(cfg: Config) -> list[str]:
                         ("--eval-samples", cfg.eval_samples)):
         if value < 1:
             problems.append(f"{flag} must be >= 1, got {value}")
+    if not cfg.local_lr or any(not lr > 0 for lr in cfg.local_lr) or (cfg.refine_lr is not None and not cfg.refine_lr > 0):
+        problems.append(f"learning rates must be > 0, got --local-lr {list(cfg.local_lr)}, --refine-lr {cfg.refine_lr}")
     if any(t < 0 for t in cfg.refine_steps):
         problems.append(f"--refine-steps must be >= 0, got {cfg.refine_steps}")
     return problems
@@ -203,7 +208,7 @@ def main(cfg: Config) -> dict:
         )
         curve = gaps.refinement_curve(
             model, guide, x_gap, steps=cfg.refine_steps, report=report, num_samples=cfg.refine_samples,
-            lr=cfg.local_lr[0], num_particles=cfg.local_particles, label=name,
+            lr=cfg.refine_lr or cfg.local_lr[0], num_particles=cfg.local_particles, label=name,
         )
         reports.append(report)
         curves.append(curve)

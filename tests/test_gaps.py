@@ -57,16 +57,6 @@ def _train(model: PPCA, name: str, x_train: torch.Tensor) -> torch.nn.Module:
     return guide
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread here: these are thousands of tiny steps, and a second thread only
-    adds synchronization (15x slower in CPU time on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ppca():
     """A PPCA model, 32 test points and an amortized mean-field guide trained on 2000 others."""
