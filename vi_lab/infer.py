@@ -304,7 +304,8 @@ def fit(
         if path is None:
             raise ValueError("resume=True needs checkpoint_dir (or pass the checkpoint's path as resume=)")
         state = ckpt.load(path, map_location=dev)
-        first = (x[:batch_size], extra[:batch_size]) if extra is not None else (x[:batch_size],)
+        x0 = transform(x[:batch_size]) if transform is not None else x[:batch_size]  # what steps see
+        first = (x0, extra[:batch_size]) if extra is not None else (x0,)
         _restore(state, model, guide, optim, svi, first, path)
         start_epoch, history = state["epoch"], list(state["history"])
     else:
