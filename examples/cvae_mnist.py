@@ -23,6 +23,7 @@ import datetime as _dt
 import time
 from dataclasses import dataclass
 
+import pyro
 import torch
 
 import vi_lab
@@ -87,6 +88,7 @@ def main(cfg: Config) -> dict:
     out = runs.out_dir(cfg.out)
     data = runs.load_data(cfg.dataset, data_dir=cfg.data_dir, device=device, train_size=cfg.train_size,
                           eval_size=cfg.eval_size, binarization="dynamic", seed=cfg.seed)
+    pyro.set_rng_seed(cfg.seed)  # initial weights too (torch seeds each process at random)
     model = CVAE(cfg.latent_dim, list(cfg.hidden)[::-1])
     guide = make_conditional_guide("mean_field", latent_dim=cfg.latent_dim, hidden=list(cfg.hidden))
     result = vi_lab.fit(model, guide, (data.x_train, data.y_train), epochs=cfg.epochs, batch_size=cfg.batch_size,

@@ -25,6 +25,7 @@ import platform
 import time
 from dataclasses import dataclass
 
+import pyro
 import torch
 
 import vi_lab
@@ -101,6 +102,7 @@ def main(cfg: Config) -> dict:
     t_all = time.perf_counter()
     for d in cfg.latent_dims:
         for algo in cfg.algorithms:
+            pyro.set_rng_seed(cfg.seed)  # both algorithms start from the same weights
             model = vi_lab.VAE(d, list(cfg.hidden)[::-1])
             guide = vi_lab.make_guide("mean_field", latent_dim=d, hidden=list(cfg.hidden))
             if cfg.progress:
