@@ -307,6 +307,10 @@ def save_traversals(model: Any, guide: Any, x: torch.Tensor, path: str | Path, *
     :param span: range of the varied coordinate (prior standard deviations).
     :param steps: values per row.
     :param path: output PNG, ``(1.0 + 0.5 steps) x (1.0 + 0.5 len(dims))`` inches at 100 dpi.
+
+    Example::
+
+        save_traversals(vae, guide, x_test[:500], "traversals.png", dims=[0, 3], span=2.5)
     """
     d = _latent_dim(model)
     dims = list(dims) if dims is not None else _active_dims(guide, x, min(max_dims, d))
@@ -367,6 +371,10 @@ def save_class_grid(model: Any, path: str | Path, *, n_styles: int = 8, classes:
     :param n_styles: rows, each a draw z ~ N(0, I) decoded with every class.
     :param classes: the classes shown (default all).
     :param path: output PNG, ``(1.0 + 0.5 len(classes)) x (1.0 + 0.5 n_styles)`` inches at 100 dpi.
+
+    Example::
+
+        save_class_grid(cvae, "classes.png", n_styles=4, classes=[3, 5, 8])
     """
     classes = list(range(model.num_classes)) if classes is None else list(classes)
     device = next(model.parameters()).device
@@ -434,6 +442,10 @@ def save_sample_grids(models: dict[str, Any], path: str | Path, *, n: int = 64, 
     :param n: samples per panel.
     :param nrow: images per row within a panel.
     :param path: output PNG, ``(panel_inches * len(models)) x (panel_inches + 0.6)`` inches.
+
+    Example::
+
+        save_sample_grids({f"D = {d}": vaes[d] for d in (2, 5, 10)}, "samples_by_d.png")
     """
     if not models:
         raise ValueError("models must name at least one model")
@@ -467,6 +479,11 @@ def save_bound_curves(panels: dict[str, dict[str, Sequence[tuple[float, float]]]
     :param logx: logarithmic x axis (as in the paper).
     :param ylim: y range shared by the panels (default: all points).
     :param path: output PNG, ``(panel_inches[0] * len(panels)) x (panel_inches[1] + 0.5)`` inches.
+
+    Example::
+
+        points = [(h["samples_seen"], h["test_elbo"]) for h in result.history]
+        save_bound_curves({"D = 10": {"AEVB, test": points}}, "bound.png")
     """
     if not panels:
         raise ValueError("panels must hold at least one panel")

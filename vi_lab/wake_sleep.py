@@ -225,6 +225,10 @@ def make_objective(objective: str | Callable) -> Callable:
 
     :param objective: ``"wake_sleep"``, ``"rws"``, ``"aevb"``, or an object with the
         :class:`ReweightedWakeSleep` call signature.
+
+    Example::
+
+        make_objective("wake_sleep")  # ReweightedWakeSleep(num_particles=1, insomnia=0.0, ...)
     """
     if not isinstance(objective, str):
         return objective

@@ -39,6 +39,10 @@ def one_hot(y: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float3
     :param y: integer class labels.
     :param num_classes: number of classes C.
     :param dtype: floating type of the result.
+
+    Example::
+
+        one_hot(torch.tensor([2, 0]), 3)  # tensor([[0., 0., 1.], [1., 0., 0.]])
     """
     if not torch.is_tensor(y) or y.dim() != 1 or y.is_floating_point():
         raise ValueError(f"labels must be a 1-D integer tensor (B,), got "
@@ -53,6 +57,13 @@ def concat_label(t: torch.Tensor, y_onehot: torch.Tensor) -> torch.Tensor:
     """Append one-hot labels ``(B, C)`` to ``t`` of shape ``(..., B, d)``, giving ``(..., B, d + C)``.
 
     The labels broadcast over ``t``'s leading dimensions (importance particles, dreams).
+
+    :param t: latents or images, batch last but one.
+    :param y_onehot: one row per datapoint of the batch.
+
+    Example::
+
+        concat_label(torch.zeros(5, 4, 2), one_hot(torch.arange(4) % 3, 3)).shape  # (5, 4, 5)
     """
     lab = y_onehot.to(t.dtype).expand(*t.shape[:-1], y_onehot.shape[-1])  # (..., B, C)
     return torch.cat([t, lab], dim=-1)
@@ -257,6 +268,10 @@ def class_agreement(model: CVAE, classifier: nn.Module, n_per_class: int = 100) 
     :param classifier: maps images ``(B, x_dim)`` to logits ``(B, C)``.
     :param n_per_class: samples per class.
     :returns: tensor ``(C,)`` of rates in [0, 1].
+
+    Example::
+
+        class_agreement(cvae, train_classifier(x_train, y_train)).mean()  # chance: 0.1
     """
     device = next(model.parameters()).device
     labels = torch.arange(model.num_classes, device=device).repeat_interleave(n_per_class)  # (C*n,)
