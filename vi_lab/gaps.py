@@ -162,7 +162,7 @@ class GapReport:
     """The inference-gap decomposition for one model/guide pair on N datapoints.
 
     Per-datapoint tensors ``(N,)`` in nats; gaps are properties computed from them, so
-    ``approximation_gap + amortization_gap == inference_gap`` holds exactly.
+    ``approximation_gap + amortization_gap == inference_gap`` holds by construction (up to float rounding).
 
     :ivar label: name of the column (usually the guide family used in training).
     :ivar log_px: log p̂(x), importance-sampled with ``num_samples`` draws from ``proposal``.
