@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyro
 import torch
 
 import vi_lab
@@ -122,6 +123,7 @@ def main(cfg: Config) -> dict:
     data = runs.load_data(cfg.dataset, data_dir=cfg.data_dir, device=device, train_size=cfg.train_size,
                           eval_size=cfg.eval_size, binarization=mode, seed=cfg.seed)
     x_train, x_test, source = data.x_train, data.x_test, data.source
+    pyro.set_rng_seed(cfg.seed)  # --seed fixes the initial weights too, not only training
     model, guide = build(cfg)
 
     result = vi_lab.fit(

@@ -25,7 +25,8 @@ def run_example(name: str, *args: str, timeout: int = 300) -> subprocess.Complet
 def test_vae_mnist_writes_every_output(tmp_path, latent_dim):
     out = tmp_path / "run"
     proc = run_example("vae_mnist.py", *TINY, "--latent-dim", latent_dim, "--hidden", "32", "--out", str(out))
-    expected = {"metrics.json", "samples.png", "reconstructions.png", "curves.png", "last.pt", "metrics.jsonl"}
+    expected = {"metrics.json", "samples.png", "reconstructions.png", "curves.png", "last.pt", "metrics.jsonl",
+                "interpolation.png", "traversals.png", "edits.png", "latent_scatter.png"}
     if latent_dim == "2":
         expected.add("manifold.png")
     assert expected <= {p.name for p in out.iterdir()}

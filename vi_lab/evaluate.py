@@ -67,8 +67,12 @@ def max_plate_nesting(model: Callable, guide: Callable, x: torch.Tensor, *args, 
     return -min(dims) if dims else 0
 
 
-def _site_log_prob(site: dict, num_dims: int) -> torch.Tensor:
-    """Unscaled, masked log-density of a site, reduced to ``(K, B)`` or broadcastable."""
+def site_log_prob(site: dict, num_dims: int) -> torch.Tensor:
+    """Unscaled, masked log-density of a trace site, reduced to ``(K, B)`` or broadcastable.
+
+    :param site: a sample site of a Pyro trace run under a particle plate at ``-num_dims``.
+    :param num_dims: plate nesting + 1 (the particle dimension).
+    """
     log_p = site["fn"].log_prob(site["value"])
     log_p = scale_and_mask(log_p, mask=site["mask"])  # scale deliberately left out
     while log_p.dim() < num_dims:
@@ -126,14 +130,14 @@ def log_weight_terms(
             # drawn from the prior inside the model: the prior is its proposal, and
             # log p(z) - log q(z) cancels, so neither term enters the weight
             continue
-        lp = _site_log_prob(site, nesting + 1)
+        lp = site_log_prob(site, nesting + 1)
         if site["is_observed"]:
             log_lik = log_lik + lp
         else:
             log_prior = log_prior + lp
     for site in guide_trace.nodes.values():
         if site["type"] == "sample" and not site["is_observed"]:
-            log_q = log_q + _site_log_prob(site, nesting + 1)
+            log_q = log_q + site_log_prob(site, nesting + 1)
     return LogWeightTerms(log_lik, log_prior, log_q)
 
 

@@ -314,6 +314,8 @@ def fit(
         if metrics_path is not None and metrics_path.exists():
             metrics_path.unlink()  # a fresh run starts a fresh log
 
+    for m in _modules(model, guide):
+        m.zero_grad(set_to_none=True)  # SVI adds to .grad: stale gradients would bend the first step
     for epoch in range(start_epoch + 1, epochs + 1):
         for m in _modules(model, guide):
             m.train()

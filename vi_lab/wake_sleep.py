@@ -135,9 +135,9 @@ class ReweightedWakeSleep:
             guide_trace.detach_()  # z is imputed data: no pathwise gradient into the guide
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, *args)
         guide_trace, model_trace = prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
-        log_joint = sum(evaluate._site_log_prob(s, nesting + 1) for s in model_trace.nodes.values()
+        log_joint = sum(evaluate.site_log_prob(s, nesting + 1) for s in model_trace.nodes.values()
                         if s["type"] == "sample")  # (K, B), gradient in theta only
-        log_q = sum(evaluate._site_log_prob(s, nesting + 1) for s in guide_trace.nodes.values()
+        log_q = sum(evaluate.site_log_prob(s, nesting + 1) for s in guide_trace.nodes.values()
                     if s["type"] == "sample")  # (K, B), gradient in phi only
         log_w = log_joint - log_q.detach()
         log_norm = log_w.logsumexp(0)  # (B,)
