@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
@@ -101,6 +102,7 @@ def save_curves(history: Sequence[dict], path: str | Path, *, keys: Sequence[str
         if points:
             ax.plot(*zip(*points), marker="o", label=key.replace("_", " "))
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("ELBO (nats per datapoint, higher is better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
