@@ -78,6 +78,7 @@ def test_resume_without_checkpoint_is_a_clear_error(mnist_slice, tmp_path):
         fit(model, guide, mnist_slice[:50], epochs=1, checkpoint_dir=tmp_path, resume=True, progress=False)
 
 
+@pytest.mark.filterwarnings("ignore:Encountered NaN")  # Pyro's own warning is the point here
 @pytest.mark.parametrize("how", ["nan_loss", "nan_weights"])
 def test_divergence_stops_with_epoch_and_step_and_keeps_the_checkpoint(mnist_slice, tmp_path, how):
     class ExplodingVAE(VAE):
