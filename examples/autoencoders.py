@@ -48,7 +48,7 @@ SAMPLER_LABELS = {"standard_normal": "z ~ N(0, I)", "box": "uniform in the code 
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(runs.CommonConfig):
     """Everything one run depends on; written into metrics.json."""
 
     epochs: int = 10
@@ -59,16 +59,6 @@ class Config:
     batch_size: int = 128
     lr: float = 1e-3
     num_samples: int = 64
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    device: str | None = None
-    seed: int = 0
-    train_size: int | None = None
-    eval_size: int = 1000
-    eval_samples: int = 1000
-    out: str | None = None
-    threads: int | None = None
-    progress: bool = True
 
 
 def parse_args(argv: list[str] | None = None) -> Config:

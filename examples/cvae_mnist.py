@@ -32,7 +32,7 @@ from vi_lab.models.cvae import CVAE, class_agreement, make_conditional_guide, tr
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(runs.CommonConfig):
     """Everything one run depends on; written into metrics.json."""
 
     epochs: int = 10
@@ -42,16 +42,6 @@ class Config:
     samples_per_digit: int = 10
     batch_size: int = 128
     lr: float = 1e-3
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    device: str | None = None
-    seed: int = 0
-    train_size: int | None = None
-    eval_size: int = 1000
-    eval_samples: int = 1000
-    out: str | None = None
-    threads: int | None = None
-    progress: bool = True
 
 
 def parse_args(argv: list[str] | None = None) -> Config:

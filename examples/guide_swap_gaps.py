@@ -42,7 +42,7 @@ def default_guides() -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(runs.CommonConfig):
     """Everything one run depends on; written into gaps.json."""
 
     guides: tuple[str, ...] = default_guides()
@@ -61,16 +61,7 @@ class Config:
     refine_samples: int = 100
     refine_lr: float | None = None  # None: the first --local-lr
     checkpoints: str | None = None
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    device: str | None = None
-    seed: int = 0
-    train_size: int | None = None
-    eval_size: int = 1000
     eval_samples: int = 5000
-    out: str | None = None
-    threads: int | None = None
-    progress: bool = True
 
 
 def _names(text: str) -> tuple[str, ...]:

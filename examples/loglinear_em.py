@@ -41,7 +41,7 @@ METHODS = ("em", "svi", "vae")
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(runs.CommonConfig):
     """Everything one run depends on; written into em.json."""
 
     classes: tuple[int, ...] = (10, 50)
@@ -57,16 +57,6 @@ class Config:
     latent_dim: int = 20
     hidden: tuple[int, ...] = (400,)
     lr: float = 1e-3
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    device: str | None = None
-    seed: int = 0
-    train_size: int | None = None
-    eval_size: int = 1000
-    eval_samples: int = 1000
-    out: str | None = None
-    threads: int | None = None
-    progress: bool = True
 
 
 def parse_args(argv: list[str] | None = None) -> Config:

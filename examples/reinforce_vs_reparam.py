@@ -52,7 +52,7 @@ UNITS = "nats per datapoint (higher is better)"
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(runs.CommonConfig):
     """Everything one run depends on; written into estimators.json."""
 
     epochs: int = 8
@@ -68,16 +68,8 @@ class Config:
     grad_batch: int = 100
     baseline_warmup: int = 300
     baseline_lr: float = 3e-3
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    device: str | None = None
-    seed: int = 0
     train_size: int | None = 5000
-    eval_size: int = 1000
     eval_samples: int = 20
-    out: str | None = None
-    threads: int | None = None
-    progress: bool = True
 
 
 def _gaussian(cfg: Config):

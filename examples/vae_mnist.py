@@ -31,7 +31,7 @@ from vi_lab.nets import ARCHS
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(runs.CommonConfig):
     """Everything one run depends on; written into metrics.json."""
 
     epochs: int = 10
@@ -48,19 +48,9 @@ class Config:
     loss: str = "trace"
     estimator: str = "reparam"  # gradient estimator (vi_lab.estimators.ESTIMATORS)
     baseline: str | None = None  # reinforce_baseline: decaying_avg (default) or nn
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    device: str | None = None
-    seed: int = 0
     batch_size: int = 128
     lr: float = 1e-3
-    train_size: int | None = None
-    eval_size: int = 1000
-    eval_samples: int = 1000
-    out: str | None = None
     resume: str | None = None
-    threads: int | None = None
-    progress: bool = True
 
 
 #: guide family options settable from the command line (see vi_lab.guides.guide_options)

@@ -38,7 +38,7 @@ COLOURS = {"aevb": "C0", "wake_sleep": "C3", "rws": "C2"}
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(runs.CommonConfig):
     """Everything one comparison depends on; written into the JSON."""
 
     epochs: int = 3
@@ -48,16 +48,7 @@ class Config:
     batch_size: int = 100
     lr: float = 1e-3
     eval_points: int = 12
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    device: str | None = None
-    seed: int = 0
-    train_size: int | None = None
-    eval_size: int = 1000
     eval_samples: int = 100
-    out: str | None = None
-    threads: int | None = None
-    progress: bool = True
 
 
 def parse_args(argv: list[str] | None = None) -> Config:

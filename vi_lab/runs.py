@@ -45,6 +45,27 @@ class RunData:
         return "dynamic" if self.binarization == "dynamic" else "none"
 
 
+@dataclass(frozen=True)
+class CommonConfig:
+    """The fields behind :func:`add_common_args`, shared by every example's ``Config``.
+
+    An example subclasses it (``class Config(runs.CommonConfig)``), adds its own fields
+    and re-declares a field to change its default (``eval_samples: int = 5000``).
+    """
+
+    epochs: int = 10
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    device: str | None = None
+    seed: int = 0
+    train_size: int | None = None
+    eval_size: int = 1000
+    eval_samples: int = 1000
+    out: str | None = None
+    threads: int | None = None
+    progress: bool = True
+
+
 def add_common_args(p: argparse.ArgumentParser, *, epochs: int = 10, eval_size: int = 1000,
                     eval_samples: int = 1000) -> None:
     """Add ``--epochs --dataset --data-dir --device --seed --train-size --eval-size
