@@ -125,8 +125,12 @@ def make_loss(loss: str | ELBO, num_particles: int = 1) -> ELBO:
         raise ValueError(f"unknown loss {loss!r}; valid: {sorted(LOSSES)} or a pyro.infer.ELBO instance") from None
 
 
-def _as_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Accept a tensor, a vi_lab Dataset (images), or an ``(x, extra)`` pair."""
+def data_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Split training data into ``(x, extra)``: a tensor, a vi_lab Dataset (images), or a pair.
+
+    :param data: what :func:`fit` accepts as data.
+    :returns: ``(x, None)`` or ``(x, extra)``.
+    """
     if hasattr(data, "images"):
         return data.images, None
     if isinstance(data, (tuple, list)):
@@ -263,12 +267,12 @@ def fit(
     if optimizer is None and not (lr >= 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     dev = pick_device(device)
-    x, extra = _as_tensors(data)
+    x, extra = data_tensors(data)
     x = x.to(dev)
     extra = extra.to(dev) if extra is not None else None
     for m in _modules(model, guide):
         m.to(dev)
-    eval_x, eval_extra = _as_tensors(eval_data) if eval_data is not None else (None, None)
+    eval_x, eval_extra = data_tensors(eval_data) if eval_data is not None else (None, None)
     if eval_x is not None:
         eval_x = eval_x.to(dev)
         eval_extra = eval_extra.to(dev) if eval_extra is not None else None

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from vi_lab import evaluate
 from vi_lab.data import DeviceBatches, binarize as binarize_fn
-from vi_lab.infer import FitResult, TrainingDiverged, make_loss, pick_device, training_objective
+from vi_lab.infer import FitResult, TrainingDiverged, data_tensors, make_loss, pick_device, training_objective
 
 
 class PhaseLosses(NamedTuple):
@@ -245,16 +245,6 @@ def _params(module: Any, label: str) -> list[torch.Tensor]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def _as_pair(data: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(data, (tuple, list)):
-        if len(data) != 2:
-            raise ValueError("data as a tuple must be (x, extra), e.g. (images, labels)")
-        return data[0], data[1]
-    if torch.is_tensor(data):
-        return data, None
-    raise TypeError(f"data must be a tensor or an (x, extra) pair, got {type(data).__name__}")
-
-
 def fit_wake_sleep(
     model: nn.Module,
     guide: nn.Module,
@@ -325,12 +315,12 @@ def fit_wake_sleep(
                          "apply to objective='aevb' only; build the model with beta=1")
     model_params, guide_params = _params(model, "model"), _params(guide, "guide")
     dev = pick_device(device)
-    x, extra = _as_pair(data)
+    x, extra = data_tensors(data)
     x, extra = x.to(dev), (extra.to(dev) if extra is not None else None)
     model.to(dev)
     guide.to(dev)
     if eval_data is not None:
-        eval_x, eval_extra = _as_pair(eval_data)
+        eval_x, eval_extra = data_tensors(eval_data)
         eval_x = eval_x.to(dev)
         if binarize != "none":  # held-out data fixed across evaluations, as in fit()
             eval_x = binarize_fn(eval_x, "static" if binarize == "dynamic" else binarize)
