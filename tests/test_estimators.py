@@ -35,15 +35,6 @@ EXACT = {"m": X - 2 * M0, "s": 1 - 2 * S0**2}
 GROUPS = {"m": ["m"], "s": ["s"]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: on a loaded CPU, a second intra-op thread makes them ~10x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def toy_model(x):
     with pyro.plate("data", x.shape[0]):
         z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0]), 1.0))

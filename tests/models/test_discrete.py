@@ -16,15 +16,6 @@ from vi_lab.models.discrete import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: on a loaded CPU, a second intra-op thread makes them ~10x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_sbn(units=3):
     return SigmoidBeliefVAE(units, (5,), x_dim=6), BernoulliGuide.make(units, hidden=(5,), x_dim=6)
 
