@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
 import vi_lab  # noqa: E402
-from vi_lab import evaluate, runs  # noqa: E402
+from vi_lab import evaluate, runs, viz  # noqa: E402
 from vi_lab.em import INNER_OPTIMIZERS, em  # noqa: E402
 from vi_lab.models.loglinear import BernoulliMixture, empty_guide, enum_elbo  # noqa: E402
 
@@ -167,10 +167,7 @@ def save_templates(models: dict[int, BernoulliMixture], path: Path, ncol: int = 
         ax.set_title(f"K={K} (EM): class templates, mixing weights {pi.max().item():.3f} ... {pi.min().item():.3f}",
                      fontsize=9)
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return viz.save_figure(fig, path)
 
 
 def save_em_curves(results: dict[int, Any], path: Path) -> Path:
@@ -191,10 +188,7 @@ def save_em_curves(results: dict[int, Any], path: Path) -> Path:
     ax.set_title("Bernoulli mixtures fitted by EM (exact log p(x))")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return viz.save_figure(fig, path)
 
 
 def table(rows: list[dict[str, Any]]) -> str:

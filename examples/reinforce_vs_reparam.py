@@ -43,7 +43,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import vi_lab  # noqa: E402
-from vi_lab import evaluate, runs  # noqa: E402
+from vi_lab import evaluate, runs, viz  # noqa: E402
 from vi_lab.data import binarize  # noqa: E402
 from vi_lab.estimators import Estimator, gradient_stats, stats_table  # noqa: E402
 from vi_lab.models.discrete import BernoulliGuide, CategoricalGuide, CategoricalVAE, SigmoidBeliefVAE  # noqa: E402
@@ -243,10 +243,7 @@ def save_curves(results: dict, path: Path) -> Path:
             ax.grid(alpha=0.3)
         row[1].legend(fontsize=8)
     fig.suptitle("ELBO vs step and vs wall time, same initial model per row (higher is better)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return viz.save_figure(fig, path, dpi=90)
 
 
 def save_variance(results: dict, path: Path) -> Path:
@@ -278,10 +275,7 @@ def save_variance(results: dict, path: Path) -> Path:
         axes[0, col].set_title(f"{results[name]['description']}\n(at {results[name]['fixed_point']})", fontsize=9)
         axes[0, col].legend(fontsize=8)
     fig.suptitle("Gradient estimates of the ELBO at fixed parameters (per datapoint, one fixed batch)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return viz.save_figure(fig, path, dpi=90)
 
 
 def main(cfg: Config) -> dict:

@@ -21,6 +21,29 @@ from torchvision.utils import make_grid, save_image  # noqa: E402
 IMAGE_SHAPE = (1, 28, 28)
 
 
+def save_figure(fig: "plt.Figure", path: str | Path, *, dpi: int = 100, tight: bool = True) -> Path:
+    """Lay out, write and close a matplotlib figure (parent directories created).
+
+    :param fig: the finished figure.
+    :param path: output PNG.
+    :param dpi: resolution.
+    :param tight: apply ``tight_layout`` (off for grids laid out by hand to an exact pixel size).
+
+    Example::
+
+        fig, ax = plt.subplots()
+        ax.plot([1, 2, 3])
+        save_figure(fig, "runs/x/plot.png")
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _as_images(x: torch.Tensor, image_shape=IMAGE_SHAPE) -> torch.Tensor:
     return x.detach().float().cpu().reshape(-1, *image_shape).clamp(0, 1)
 
@@ -94,8 +117,6 @@ def save_manifold(model: Any, path: str | Path, *, n: int = 20) -> Path:
 def save_curves(history: Sequence[dict], path: str | Path, *, keys: Sequence[str] = ("train_elbo", "test_elbo"),
                 title: str = "Training curves") -> Path:
     """ELBO per epoch (nats per datapoint) for each key present in ``history``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in keys:
         points = [(h["epoch"], h[key]) for h in history if key in h]
@@ -107,10 +128,7 @@ def save_curves(history: Sequence[dict], path: str | Path, *, keys: Sequence[str
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _as_record(obj: Any) -> dict:
@@ -135,8 +153,6 @@ def save_gap_bars(reports: Sequence[Any], path: str | Path, *, title: str = "Inf
     records = [_as_record(r) for r in reports]
     if not records:
         raise ValueError("save_gap_bars needs at least one report")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     labels = [r["label"] for r in records]
     approx = [r["summary"]["approximation_gap"]["mean"] for r in records]
     amort = [r["summary"]["amortization_gap"]["mean"] for r in records]
@@ -158,10 +174,7 @@ def save_gap_bars(reports: Sequence[Any], path: str | Path, *, title: str = "Inf
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper left")
     ax.set_ylim(top=max(max(tops), 0) * 1.35 + 1e-3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_refinement_curve(curves: Sequence[Any], path: str | Path, *,
@@ -182,8 +195,6 @@ def save_refinement_curve(curves: Sequence[Any], path: str | Path, *,
     records = [_as_record(c) for c in curves]
     if not records:
         raise ValueError("save_refinement_curve needs at least one curve")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = "amortization_gap" if all("amortization_gap" in r for r in records) else "elbo"
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in records:
@@ -202,10 +213,7 @@ def save_refinement_curve(curves: Sequence[Any], path: str | Path, *,
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------- latent-space pictures
@@ -223,8 +231,6 @@ def _save_labelled_grid(images: torch.Tensor, path: str | Path, *, rows: int, co
                         xlabel: str | None = None, ylabel: str | None = None, dpi: int = 100,
                         image_shape=IMAGE_SHAPE) -> Path:
     """Lay ``rows * cols`` flattened images (row-major) out as one titled, labelled figure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     pad, h, w = 2, image_shape[1], image_shape[2]
     grid = make_grid(_as_images(images, image_shape), nrow=cols, padding=pad, pad_value=1.0)  # (C, H', W')
     width, height = GRID_MARGINS[0] + cols * CELL_INCHES, GRID_MARGINS[1] + rows * CELL_INCHES
@@ -242,9 +248,7 @@ def _save_labelled_grid(images: torch.Tensor, path: str | Path, *, rows: int, co
     if ylabel:
         ax.set_ylabel(ylabel, fontsize=8)
     fig.suptitle(title, fontsize=9, y=1 - 0.12 / height, va="top")
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=dpi, tight=False)
 
 
 def _latent_dim(model: Any) -> int:
@@ -417,8 +421,6 @@ def save_latent_scatter(guide: Any, x: torch.Tensor, labels: torch.Tensor, path:
         points = centred @ vh[:2].T  # (B, 2) scores on the first two principal axes
         share = (s**2 / (s**2).sum())[:2].tolist()
         axes = tuple(f"PC {i + 1} of the encoder means ({100 * v:.0f}% of variance)" for i, v in enumerate(share))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 5))
     labels = labels.cpu()
     cmap = plt.get_cmap("tab10")
@@ -430,9 +432,7 @@ def save_latent_scatter(guide: Any, x: torch.Tensor, labels: torch.Tensor, path:
     ax.set_title(title + (f" (D = {d}, PCA)" if d > 2 else " (D = 2)"))
     ax.legend(title="label", markerscale=3, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.subplots_adjust(left=0.12, right=0.84, bottom=0.11, top=0.92)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=dpi, tight=False)
 
 
 @torch.no_grad()
@@ -451,8 +451,6 @@ def save_sample_grids(models: dict[str, Any], path: str | Path, *, n: int = 64, 
     """
     if not models:
         raise ValueError("models must name at least one model")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     k = len(models)
     fig, axes = plt.subplots(1, k, figsize=(panel_inches * k, panel_inches + 0.6), squeeze=False)
     for ax, (name, model) in zip(axes[0], models.items()):
@@ -462,9 +460,7 @@ def save_sample_grids(models: dict[str, Any], path: str | Path, *, n: int = 64, 
         ax.set_axis_off()
     fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.55 / (panel_inches + 0.6), wspace=0.05)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=dpi, tight=False)
 
 
 def save_bound_curves(panels: dict[str, dict[str, Sequence[tuple[float, float]]]], path: str | Path, *,
@@ -490,8 +486,6 @@ def save_bound_curves(panels: dict[str, dict[str, Sequence[tuple[float, float]]]
     if not panels:
         raise ValueError("panels must hold at least one panel")
     styles = styles or {}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     k = len(panels)
     fig, axes = plt.subplots(1, k, figsize=(panel_inches[0] * k, panel_inches[1] + 0.5), squeeze=False, sharey=True)
     handles: dict[str, Any] = {}
@@ -517,9 +511,7 @@ def save_bound_curves(panels: dict[str, dict[str, Sequence[tuple[float, float]]]
     width, height = panel_inches[0] * k, panel_inches[1] + 0.5
     fig.subplots_adjust(left=0.75 / width, right=1 - 0.1 / width, top=1 - 0.5 / height, bottom=0.9 / height,
                         wspace=0.08)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=dpi, tight=False)
 
 
 @torch.no_grad()
