@@ -272,14 +272,13 @@ def fit(
     extra = extra.to(dev) if extra is not None else None
     for m in _modules(model, guide):
         m.to(dev)
+    transform = None if binarize == "none" else (lambda b: binarize_fn(b, binarize))
+    if transform is not None:
+        binarize_fn(x[:1], binarize)  # validate the mode before training starts
     eval_x, eval_extra = data_tensors(eval_data) if eval_data is not None else (None, None)
     if eval_x is not None:
-        eval_x = eval_x.to(dev)
+        eval_x = _eval_binarized(eval_x.to(dev), binarize)  # once: the held-out set is fixed
         eval_extra = eval_extra.to(dev) if eval_extra is not None else None
-
-    transform = None if binarize == "none" else (lambda b: binarize_fn(b, binarize))
-    if binarize not in ("none",):
-        binarize_fn(x[:1], binarize)  # validate the mode before training starts
     # one lookup in vi_lab.estimators.ESTIMATORS: the Pyro objective and the guide it runs
     est = prepare_estimator(guide, estimator, loss=loss, num_particles=num_particles, baseline=baseline,
                             x_dim=x[0].numel(), device=dev, seed=seed)
@@ -347,9 +346,8 @@ def fit(
             for m in _modules(model, guide):
                 m.eval()
             eval_args = (eval_extra,) if eval_extra is not None else ()
-            record["test_elbo"] = evaluate.elbo(
-                model, guide, _eval_binarized(eval_x, binarize), *eval_args, num_samples=eval_samples
-            ).mean().item()
+            record["test_elbo"] = evaluate.elbo(model, guide, eval_x, *eval_args,
+                                                num_samples=eval_samples).mean().item()
         history.append(record)
         if metrics_path is not None:
             metrics_path.parent.mkdir(parents=True, exist_ok=True)
