@@ -160,6 +160,7 @@ def _check_inputs(x: torch.Tensor, num_samples: int) -> None:
 @torch.no_grad()
 def _chunked(model, guide, x, args, kwargs, num_samples, batch_size, reduce) -> torch.Tensor:
     """Apply ``reduce(list_of_terms) -> (..., B)`` over batch and particle chunks; join on the batch dim."""
+    _check_inputs(x, num_samples)
     n = x.shape[0]
     nesting = None
     out = []
@@ -190,7 +191,6 @@ def log_weights(
     :param num_samples: K.
     :param batch_size: datapoints per chunk.
     """
-    _check_inputs(x, num_samples)
     return _chunked(model, guide, x, args, kwargs, num_samples, batch_size,
                     lambda ps: torch.cat([p.log_weight for p in ps]))  # (K, B)
 
@@ -213,7 +213,6 @@ def elbo(
 
         vi_lab.evaluate.elbo(model, guide, x_test, num_samples=10).mean()
     """
-    _check_inputs(x, num_samples)
     return _chunked(model, guide, x, args, kwargs, num_samples, batch_size,
                     lambda ps: torch.cat([p.log_weight for p in ps]).mean(0))
 
@@ -236,7 +235,6 @@ def log_likelihood(
 
         vi_lab.evaluate.log_likelihood(model, guide, x_test[:1000], num_samples=1000).mean()
     """
-    _check_inputs(x, num_samples)
 
     def reduce(pieces):
         lse = torch.stack([p.log_weight.logsumexp(0) for p in pieces])  # (chunks, B)
@@ -254,7 +252,6 @@ def elbo_terms(
     :returns: ``{"elbo", "reconstruction", "kl"}``, each ``(N,)`` in nats, with
         ``reconstruction = E_q[log p(x | z)]`` and ``kl = E_q[log q(z | x) - log p(z)]``.
     """
-    _check_inputs(x, num_samples)
 
     def reduce(pieces):
         rec = torch.cat([p.log_lik for p in pieces]).mean(0)
