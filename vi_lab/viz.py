@@ -123,7 +123,11 @@ def save_curves(history: Sequence[dict], path: str | Path, *, keys: Sequence[str
         if points:
             ax.plot(*zip(*points), marker="o", label=key.replace("_", " "))
     ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    epochs = sorted({h["epoch"] for h in history})
+    if len(epochs) <= 12:  # a tick per epoch; the locator alone puts fractions around a single epoch
+        ax.set_xticks(epochs)
+    else:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("ELBO (nats per datapoint, higher is better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
