@@ -1,4 +1,10 @@
-"""Every test: seeded, a clean Pyro param store, validation on, one data location."""
+"""Every test: seeded, a clean Pyro param store, validation on, one data location, one device.
+
+``pytest --device cuda`` (default ``cpu``) runs the same tests with their data and models
+on that device: tests take the ``device`` fixture and put what they build there; example
+scripts run as subprocesses get ``--device`` (``example_args``). Library code is never
+told the device: it must follow the data.
+"""
 
 import os
 from pathlib import Path
@@ -16,6 +22,36 @@ if "VI_LAB_DATA" not in os.environ and SHARED_DATA.is_dir():
 
 # tiny test models run faster on one thread (and a loaded machine does not thrash)
 torch.set_num_threads(1)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="torch device the tests put their data and models on: cpu (default), cuda, cuda:N")
+
+
+def pytest_configure(config):
+    from vi_lab.device import pick_device
+
+    try:
+        config.vi_lab_device = pick_device(config.getoption("--device"))
+    except ValueError as err:
+        raise pytest.UsageError(f"--device: {err}") from None
+
+
+def pytest_report_header(config):
+    return f"vi_lab tests on device: {config.vi_lab_device}"
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig) -> torch.device:
+    """The device under test (``--device``)."""
+    return pytestconfig.vi_lab_device
+
+
+@pytest.fixture(scope="session")
+def example_args(device) -> list[str]:
+    """Flags every example script run by a test gets: the device under test."""
+    return ["--device", str(device)]
 
 
 @pytest.fixture(autouse=True)

@@ -30,6 +30,27 @@ IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
+def on(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``t`` lives on ``device`` (``cuda`` without an index means the current GPU)."""
+    if t.device.type != device.type:
+        return False
+    if device.type == "cuda" and device.index is None:
+        return t.device.index == torch.cuda.current_device()
+    return device.index is None or t.device.index == device.index
+
+
+def rng_state(device: torch.device):
+    """The global RNG state(s) that draws on ``device`` use: the CPU one, and the GPU's for CUDA."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_rng_state(state, device: torch.device) -> None:
+    cpu, gpu = state
+    torch.set_rng_state(cpu)
+    if gpu is not None:
+        torch.cuda.set_rng_state(gpu, device)
+
+
 @pytest.fixture
 def isolated(tmp_path, monkeypatch):
     """No VI_LAB_DATA, cwd without ./data, no system locations, empty cache."""
@@ -292,56 +313,65 @@ def test_no_fallback_for_fashion_lists_places(isolated):
     assert "download=False" in msg
 
 
-def test_dataset_subset_and_to(isolated):
+def test_dataset_subset_and_to(isolated, device):
     _fake_dataset(isolated / "d")
     ds = load_dataset("mnist", "train", data_dir=isolated / "d")
+    assert on(ds.images, torch.device("cpu")) and on(ds.labels, torch.device("cpu"))  # the default
     small = ds.subset(4)
     assert len(small) == 4 and torch.equal(small.images, ds.images[:4])
     assert small.source == ds.source
     with pytest.raises(ValueError):
         ds.subset(len(ds) + 1)
-    moved = ds.to("cpu")
-    assert moved.images.device.type == "cpu" and len(moved) == len(ds)
+    moved = ds.to(device)
+    assert on(moved.images, device) and on(moved.labels, device) and len(moved) == len(ds)
+    assert torch.equal(moved.images.cpu(), ds.images) and torch.equal(moved.labels.cpu(), ds.labels)
+    direct = load_dataset("mnist", "train", data_dir=isolated / "d", device=device)
+    assert on(direct.images, device) and on(direct.labels, device) and on(direct.subset(4).images, device)
+    assert direct.images.dtype == torch.float32 and direct.labels.dtype == torch.int64
+    # the same pixels (a GPU may divide by 255 as a product with 1/255: the last bit may differ)
+    assert torch.allclose(direct.images, moved.images) and torch.equal(direct.labels, moved.labels)
 
 
 # ---------------------------------------------------------------- binarization
 
 
-def _probs() -> torch.Tensor:
+def _probs(device: torch.device) -> torch.Tensor:
     # Not seed 0: conftest seeds the global RNG with 0, and Bernoulli draws
     # `u < p` from the same uniform stream as p would then be all zeros.
-    return torch.rand(200, 784, generator=torch.Generator().manual_seed(12345))
+    return torch.rand(200, 784, generator=torch.Generator().manual_seed(12345)).to(device)
 
 
-def test_binarize_static_is_repeatable():
-    x = _probs()
+def test_binarize_static_is_repeatable(device):
+    x = _probs(device)
     a = binarize(x, "static", seed=3)
-    torch.rand(5)  # global RNG use must not matter
+    assert on(a, device)
+    torch.rand(5, device=device)  # global RNG use must not matter
     assert torch.equal(a, binarize(x, "static", seed=3))
     assert not torch.equal(a, binarize(x, "static", seed=4))
     assert set(a.unique().tolist()) <= {0.0, 1.0}
     assert abs(float(a.mean()) - float(x.mean())) < 0.01
 
 
-def test_binarize_dynamic_fresh_but_unbiased():
-    x = _probs()
+def test_binarize_dynamic_fresh_but_unbiased(device):
+    x = _probs(device)
     a, b = binarize(x, "dynamic"), binarize(x, "dynamic")
     assert not torch.equal(a, b)
     assert set(a.unique().tolist()) <= {0.0, 1.0}
     assert abs(float(a.mean()) - float(x.mean())) < 0.01  # 156,800 draws: sd ~ 0.0013
 
 
-def test_binarize_dynamic_replays_with_global_rng_state():
-    x = _probs()
-    state = torch.get_rng_state()
+def test_binarize_dynamic_replays_with_global_rng_state(device):
+    x = _probs(device)
+    state = rng_state(device)
     a = binarize(x, "dynamic")
-    torch.set_rng_state(state)
+    assert on(a, device)
+    set_rng_state(state, device)
     assert torch.equal(a, binarize(x, "dynamic"))
 
 
-def test_binarize_threshold_and_none():
-    x = torch.tensor([0.0, 0.2, 0.5, 0.51, 1.0])
-    assert torch.equal(binarize(x, "threshold"), torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0]))
+def test_binarize_threshold_and_none(device):
+    x = torch.tensor([0.0, 0.2, 0.5, 0.51, 1.0], device=device)
+    assert torch.equal(binarize(x, "threshold"), x.new_tensor([0.0, 0.0, 0.0, 1.0, 1.0]))
     assert binarize(x, "none") is x
 
 
@@ -354,19 +384,21 @@ def test_binarize_unknown_mode():
 # --------------------------------------------------------------------- batches
 
 
-def test_device_batches_cover_each_index_once():
-    x = torch.arange(103).float().unsqueeze(1)
+def test_device_batches_cover_each_index_once(device):
+    x = torch.arange(103, device=device).float().unsqueeze(1)
     batches = DeviceBatches(x, 10)
     assert len(batches) == 11 and batches.num_data == 103
     for _ in range(2):
-        seen = torch.cat([b.squeeze(1) for b in batches])
+        out = list(batches)
+        assert all(on(b, device) for b in out)
+        seen = torch.cat([b.squeeze(1) for b in out])
         assert torch.equal(seen.sort().values, x.squeeze(1))
     sizes = [len(b) for b in batches]
     assert sizes == [10] * 10 + [3]
 
 
-def test_device_batches_drop_last_and_no_shuffle():
-    x = torch.arange(103).float()
+def test_device_batches_drop_last_and_no_shuffle(device):
+    x = torch.arange(103, device=device).float()
     batches = DeviceBatches(x, 10, drop_last=True, shuffle=False)
     assert len(batches) == 10
     out = list(batches)
@@ -374,36 +406,40 @@ def test_device_batches_drop_last_and_no_shuffle():
     assert torch.equal(torch.cat(out), x[:100])
 
 
-def test_device_batches_extra_and_transform():
-    x = torch.arange(20).float()
-    labels = torch.arange(20) * 10
+def test_device_batches_extra_and_transform(device):
+    x = torch.arange(20, device=device).float()
+    labels = torch.arange(20, device=device) * 10
     batches = DeviceBatches(x, 6, extra=labels, transform=lambda b: b + 0.5)
     for xb, yb in batches:
+        assert on(xb, device) and on(yb, device)
         assert torch.equal((xb - 0.5).long() * 10, yb)
 
 
-def test_device_batches_replay_with_rng_state():
-    x = torch.arange(50).float()
+def test_device_batches_replay_with_rng_state(device):
+    x = torch.arange(50, device=device).float()
     batches = DeviceBatches(x, 7, transform=lambda b: binarize(b / 50, "dynamic") + b)
-    state = torch.get_rng_state()
+    state = rng_state(device)  # the permutation and the binarization draw on x's device
     first = [b.clone() for b in batches]
     second = [b.clone() for b in batches]
-    torch.set_rng_state(state)
+    set_rng_state(state, device)
     replay = list(batches)
     assert all(torch.equal(a, b) for a, b in zip(first, replay))
     assert not all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, "8", True, None])
-def test_device_batches_rejects_bad_batch_size(bad):
+def test_device_batches_rejects_bad_batch_size(bad, device):
     with pytest.raises(ValueError, match="batch_size"):
-        DeviceBatches(torch.zeros(5, 2), bad)
+        DeviceBatches(torch.zeros(5, 2, device=device), bad)
 
 
-def test_device_batches_rejects_empty_and_mismatched():
+def test_device_batches_rejects_empty_and_mismatched(device):
     with pytest.raises(ValueError, match="at least one row"):
-        DeviceBatches(torch.zeros(0, 3), 2)
+        DeviceBatches(torch.zeros(0, 3, device=device), 2)
     with pytest.raises(ValueError, match="rows"):
-        DeviceBatches(torch.zeros(5, 3), 2, extra=torch.zeros(4))
+        DeviceBatches(torch.zeros(5, 3, device=device), 2, extra=torch.zeros(4, device=device))
     with pytest.raises(ValueError, match="no batches"):
-        DeviceBatches(torch.zeros(5, 3), 8, drop_last=True)
+        DeviceBatches(torch.zeros(5, 3, device=device), 8, drop_last=True)
+    if device.type != "cpu":  # labels left on the CPU next to data on the device under test
+        with pytest.raises(ValueError, match="extra is on cpu"):
+            DeviceBatches(torch.zeros(5, 3, device=device), 2, extra=torch.zeros(5))

@@ -42,21 +42,21 @@ def toy_model(x):
 
 
 def toy_guide(x):
-    m = pyro.param("m", torch.tensor(M0))
-    s = pyro.param("s", torch.tensor(S0), constraint=constraints.positive)
+    m = pyro.param("m", x.new_tensor(M0))
+    s = pyro.param("s", x.new_tensor(S0), constraint=constraints.positive)
     with pyro.plate("data", x.shape[0]):
         pyro.sample("z", dist.Normal(m, s).expand([x.shape[0]]))
 
 
-def toy_data(batch: int) -> torch.Tensor:
-    return torch.full((batch,), X)
+def toy_data(batch: int, device: torch.device) -> torch.Tensor:
+    return torch.full((batch,), X, device=device)
 
 
 def hand_gradient(name: str, z: torch.Tensor, x: torch.Tensor, baseline: torch.Tensor | float = 0.0) -> dict:
     """One draw of each estimator, derived by hand; averaged over the batch like fit's objective."""
-    m, s = torch.tensor(M0), torch.tensor(S0)
+    m, s = z.new_tensor(M0), z.new_tensor(S0)
     eps = (z - m) / s
-    log_joint = dist.Normal(z, 1.0).log_prob(x) + dist.Normal(0.0, 1.0).log_prob(z)
+    log_joint = dist.Normal(z, 1.0).log_prob(x) + dist.Normal(z.new_zeros(()), 1.0).log_prob(z)
     log_q = dist.Normal(m, s).log_prob(z)
     if name == "reparam":
         dfdz = (x - z) - z
@@ -76,8 +76,8 @@ def draws_of(prepared, x, seed):
 
 
 @pytest.mark.parametrize("name", ["reparam", "reinforce"])
-def test_single_draw_matches_hand_computed(name):
-    x = toy_data(3)
+def test_single_draw_matches_hand_computed(name, device):
+    x = toy_data(3, device)
     prepared = prepare(toy_guide, name, x_dim=1)
     stats = gradient_stats(toy_model, toy_guide, x, estimator=prepared, num_draws=2, seed=7,
                            groups=GROUPS, keep_samples=True)
@@ -86,17 +86,17 @@ def test_single_draw_matches_hand_computed(name):
         assert stats[g].samples[0].item() == pytest.approx(expected[g], rel=1e-5, abs=1e-6)
 
 
-def test_single_draw_with_decaying_average_baseline_matches_hand_computed():
+def test_single_draw_with_decaying_average_baseline_matches_hand_computed(device):
     """One warm-up step moves Pyro's average from 0 to (1 - beta) * cost; the draws then use it."""
-    x = toy_data(3)
-    stale = torch.tensor([5.0, 5.0])  # left by training on another batch: set aside, then put back
+    x = toy_data(3, device)
+    stale = torch.tensor([5.0, 5.0], device=device)  # left by training on another batch: set aside, then put back
     pyro.param(estimators.DECAYING_AVG_PREFIX + "z", stale.clone())
     prepared = prepare(toy_guide, "reinforce_baseline", baseline="decaying_avg", baseline_beta=0.75)
     stats = gradient_stats(toy_model, toy_guide, x, estimator=prepared, num_draws=2, seed=3, warmup=1,
                            groups=GROUPS, keep_samples=True)
     z_warm = draws_of(prepared, x, 3 + 2 + 1)  # warm-up draws follow seed + num_draws + 1
-    m, s = torch.tensor(M0), torch.tensor(S0)
-    cost = (dist.Normal(z_warm, 1.0).log_prob(x) + dist.Normal(0.0, 1.0).log_prob(z_warm)
+    m, s = x.new_tensor(M0), x.new_tensor(S0)
+    cost = (dist.Normal(z_warm, 1.0).log_prob(x) + dist.Normal(x.new_zeros(()), 1.0).log_prob(z_warm)
             - dist.Normal(m, s).log_prob(z_warm)) / x.shape[0]
     expected = hand_gradient("reinforce_baseline", draws_of(prepared, x, 3), x, baseline=0.25 * cost)
     for g in GROUPS:
@@ -104,21 +104,22 @@ def test_single_draw_with_decaying_average_baseline_matches_hand_computed():
     assert torch.equal(pyro.param(estimators.DECAYING_AVG_PREFIX + "z").detach(), stale)
 
 
-def test_single_draw_with_nn_baseline_matches_hand_computed():
-    x = torch.tensor([2.0, 1.0, 3.0])
-    prepared = prepare(toy_guide, "reinforce_baseline", baseline="nn", x_dim=1, baseline_hidden=4)
+def test_single_draw_with_nn_baseline_matches_hand_computed(device):
+    x = torch.tensor([2.0, 1.0, 3.0], device=device)
+    prepared = prepare(toy_guide, "reinforce_baseline", baseline="nn", x_dim=1, baseline_hidden=4, device=device)
     last = prepared.baseline_net.net.net[-1]
     with torch.no_grad():  # a baseline that depends on x
-        last.weight.copy_(torch.tensor([[0.5, -0.25, 1.0, 0.3]]))
+        last.weight.copy_(x.new_tensor([[0.5, -0.25, 1.0, 0.3]]))
         last.bias.fill_(-0.7)
     b = prepared.baseline_net(x.unsqueeze(-1)).detach()
     assert b.unique().numel() == 3
     stats = gradient_stats(toy_model, toy_guide, x, estimator=prepared, num_draws=2, seed=5,
                            groups=GROUPS, keep_samples=True)
     z = draws_of(prepared, x, 5)
-    m, s = torch.tensor(M0), torch.tensor(S0)
+    m, s = x.new_tensor(M0), x.new_tensor(S0)
     eps = (z - m) / s
-    cost = (dist.Normal(z, 1.0).log_prob(x) + dist.Normal(0.0, 1.0).log_prob(z) - dist.Normal(m, s).log_prob(z)) / 3 - b
+    cost = (dist.Normal(z, 1.0).log_prob(x) + dist.Normal(x.new_zeros(()), 1.0).log_prob(z)
+            - dist.Normal(m, s).log_prob(z)) / 3 - b
     assert stats["m"].samples[0].item() == pytest.approx((cost * eps / s).sum().item(), rel=1e-5)
     assert stats["s"].samples[0].item() == pytest.approx((cost * (eps**2 - 1)).sum().item(), rel=1e-5)
 
@@ -129,8 +130,8 @@ UNBIASED = [("reparam", {}), ("reinforce", {}),
 
 
 @pytest.mark.parametrize("estimator,kw", UNBIASED, ids=["reparam", "reinforce", "decaying_avg", "nn"])
-def test_mean_gradient_matches_closed_form(estimator, kw):
-    stats = gradient_stats(toy_model, toy_guide, toy_data(50), estimator=estimator, num_draws=60, seed=1,
+def test_mean_gradient_matches_closed_form(estimator, kw, device):
+    stats = gradient_stats(toy_model, toy_guide, toy_data(50, device), estimator=estimator, num_draws=60, seed=1,
                            groups=GROUPS, **kw)
     for g, exact in EXACT.items():
         se = stats[g].stderr.item()
@@ -138,8 +139,8 @@ def test_mean_gradient_matches_closed_form(estimator, kw):
         assert abs(stats[g].mean.item() - exact) < 4 * se, (g, stats[g].mean.item(), exact, se)
 
 
-def test_variance_ordering_with_paired_seeds():
-    x = toy_data(20)
+def test_variance_ordering_with_paired_seeds(device):
+    x = toy_data(20, device)
     var = {}
     for label, est, kw in [("reparam", "reparam", {}), ("reinforce", "reinforce", {}),
                            ("baseline", "reinforce_baseline", {"warmup": 20})]:
@@ -148,10 +149,10 @@ def test_variance_ordering_with_paired_seeds():
     assert var["reparam"] < var["baseline"] < var["reinforce"], var
 
 
-def test_reinforce_by_flag_equals_reinforce_by_messenger():
-    x = torch.rand(5, 6).bernoulli()
-    model = vi_lab.VAE(2, [4], x_dim=6)
-    guide = make_guide("mean_field", latent_dim=2, hidden=[4], x_dim=6)
+def test_reinforce_by_flag_equals_reinforce_by_messenger(device):
+    x = torch.rand(5, 6, device=device).bernoulli()
+    model = vi_lab.VAE(2, [4], x_dim=6).to(device)
+    guide = make_guide("mean_field", latent_dim=2, hidden=[4], x_dim=6).to(device)
     by_flag = gradient_stats(model, guide, x, estimator="reinforce", num_draws=3, seed=2, keep_samples=True)
     # the messenger path, as used for guides without the flag
     messenger = estimators.PreparedEstimator(estimators._wrap(guide, lambda a: estimators.ScoreFunction()),
@@ -166,8 +167,8 @@ def test_reinforce_by_flag_equals_reinforce_by_messenger():
     assert guide.reparameterized  # the flag is switched for the call only
 
 
-def test_without_rsample_survives_plate_broadcasting():
-    q = dist.Normal(torch.zeros(3, 2, requires_grad=True), 1.0).to_event(1)
+def test_without_rsample_survives_plate_broadcasting(device):
+    q = dist.Normal(torch.zeros(3, 2, device=device, requires_grad=True), 1.0).to_event(1)
     scored = without_rsample(q)
     assert isinstance(scored, ScoredDistribution) and not scored.has_rsample and q.has_rsample
     with poutine.trace() as tr, pyro.plate("data", 3):
@@ -178,10 +179,11 @@ def test_without_rsample_survives_plate_broadcasting():
     assert torch.equal(parts.score_function, q.log_prob(z)) and parts.entropy_term == 0
 
 
-def test_discrete_reinforce_matches_enumerated_gradient():
+def test_discrete_reinforce_matches_enumerated_gradient(device):
     """Categorical VAE small enough to enumerate: TraceEnum_ELBO's gradient is exact."""
-    x = torch.rand(4, 6).bernoulli()
-    model, guide = CategoricalVAE(3, (4,), x_dim=6), CategoricalGuide.make(3, hidden=(4,), x_dim=6)
+    x = torch.rand(4, 6, device=device).bernoulli()
+    model = CategoricalVAE(3, (4,), x_dim=6).to(device)
+    guide = CategoricalGuide.make(3, hidden=(4,), x_dim=6).to(device)
     exact = gradient_stats(model, guide, x, estimator="enum", num_draws=2)
     # the enumerated gradient is deterministic and equals autograd of the ELBO summed by hand
     assert all(s.variance == 0 for s in exact.values())
@@ -200,20 +202,21 @@ def assert_exact_categorical_gradient(model, guide, x, exact):
     q = guide.get_posterior(x).probs  # (B, K)
     elbo = 0.0
     for k in range(model.num_categories):
-        z = torch.nn.functional.one_hot(torch.full((x.shape[0],), k), model.num_categories).float()
+        z = torch.nn.functional.one_hot(torch.full((x.shape[0],), k, device=x.device), model.num_categories).float()
         log_w = (model.likelihood(model.decoder(z)).log_prob(x) + model.prior(x).log_prob(z)
                  - dist.OneHotCategorical(probs=q).log_prob(z))
         elbo = elbo + q[:, k] * log_w
     grads = torch.autograd.grad(elbo.mean(), params["encoder"] + params["decoder"])
-    flat = torch.cat([g.reshape(-1) for g in grads]).double()
+    flat = torch.cat([g.reshape(-1) for g in grads]).double().cpu()  # gradient_stats reports on the CPU
     both = torch.cat([exact["encoder"].mean, exact["decoder"].mean])
     assert torch.allclose(both, flat, atol=1e-5)
 
 
-def test_relaxed_gradient_is_biased_on_enumerable_model():
+def test_relaxed_gradient_is_biased_on_enumerable_model(device):
     """Straight-through draws are exact, so only the encoder's gradient is biased."""
-    x = torch.rand(32, 6).bernoulli()
-    model, guide = CategoricalVAE(3, (4,), x_dim=6), CategoricalGuide.make(3, hidden=(4,), x_dim=6)
+    x = torch.rand(32, 6, device=device).bernoulli()
+    model = CategoricalVAE(3, (4,), x_dim=6).to(device)
+    guide = CategoricalGuide.make(3, hidden=(4,), x_dim=6).to(device)
     exact = gradient_stats(model, guide, x, estimator="enum", num_draws=2)
     relaxed = gradient_stats(model, guide, x, estimator=Estimator("relaxed", temperature=0.5), num_draws=200)
     assert not ESTIMATORS["relaxed"].unbiased and "biased" in Estimator("relaxed").label
@@ -221,8 +224,8 @@ def test_relaxed_gradient_is_biased_on_enumerable_model():
     assert relaxed["decoder"].bias_z(exact["decoder"].mean) < 2.5
 
 
-def test_straight_through_draws_exact_bernoulli_and_scores_discretely():
-    logits = torch.tensor([-1.0, 0.0, 2.0], requires_grad=True)
+def test_straight_through_draws_exact_bernoulli_and_scores_discretely(device):
+    logits = torch.tensor([-1.0, 0.0, 2.0], device=device, requires_grad=True)
     q = StraightThrough(dist.Bernoulli(logits=logits).to_event(1), temperature=0.1)
     z = q.rsample((20000,))
     assert set(z.unique().tolist()) <= {0.0, 1.0}
@@ -232,7 +235,7 @@ def test_straight_through_draws_exact_bernoulli_and_scores_discretely():
     assert g[2] > 0
 
 
-def test_estimator_errors_are_clear():
+def test_estimator_errors_are_clear(device):
     with pytest.raises(ValueError, match="unknown estimator 'bogus'; valid: reparam, reinforce"):
         Estimator("bogus")
     with pytest.raises(ValueError, match="unknown baseline 'avg'; valid: decaying_avg, nn"):
@@ -243,8 +246,9 @@ def test_estimator_errors_are_clear():
         prepare(toy_guide, "reinforce", loss="meanfield")
     with pytest.raises(ValueError, match="needs x_dim"):
         prepare(toy_guide, "reinforce_baseline", baseline="nn")
-    x = torch.rand(2, 6).bernoulli()
-    sbn, bern = SigmoidBeliefVAE(20, (4,), x_dim=6), BernoulliGuide.make(20, hidden=(4,), x_dim=6)
+    x = torch.rand(2, 6, device=device).bernoulli()
+    sbn = SigmoidBeliefVAE(20, (4,), x_dim=6).to(device)
+    bern = BernoulliGuide.make(20, hidden=(4,), x_dim=6).to(device)
     with pytest.raises(ValueError, match="estimator 'reparam' needs continuous latent sites"):
         gradient_stats(sbn, bern, x, estimator="reparam", num_draws=2)
     with pytest.raises(ValueError, match="enumerable support"):
@@ -253,9 +257,9 @@ def test_estimator_errors_are_clear():
         StraightThrough(dist.Normal(0.0, 1.0), 0.5)
 
 
-def test_fit_trains_discrete_model_with_baselines_and_resumes_exactly(tmp_path):
+def test_fit_trains_discrete_model_with_baselines_and_resumes_exactly(tmp_path, device):
     """Uneven batches (7 = 4 + 3) need the decaying average's fixed batch; the nn baseline resumes."""
-    x = torch.rand(7, 6).bernoulli()
+    x = torch.rand(7, 6, device=device).bernoulli()
     kw = dict(estimator="reinforce_baseline", baseline="nn", batch_size=4, lr=1e-2, progress=False)
 
     def pair():
@@ -269,10 +273,10 @@ def test_fit_trains_discrete_model_with_baselines_and_resumes_exactly(tmp_path):
     assert any(n.startswith(estimators.BASELINE_MODULE_NAME) for n in pyro.get_param_store().keys())
 
 
-def test_fit_estimators_are_one_objective(tmp_path):
+def test_fit_estimators_are_one_objective(tmp_path, device):
     """Every estimator of a continuous VAE reports the same objective: the first step's loss
     is the same single-sample ELBO whatever estimates its gradient."""
-    x = torch.rand(8, 6).bernoulli()
+    x = torch.rand(8, 6, device=device).bernoulli()
     first = {}
     for est in ("reparam", "reinforce", "reinforce_baseline"):
         pyro.set_rng_seed(0)
@@ -283,11 +287,11 @@ def test_fit_estimators_are_one_objective(tmp_path):
     assert first["reinforce_baseline"] == pytest.approx(first["reparam"], abs=1e-4)
 
 
-def test_example_runs(tmp_path):
+def test_example_runs(tmp_path, example_args):
     cmd = [sys.executable, str(ROOT / "examples" / "reinforce_vs_reparam.py"), "--epochs", "1",
            "--train-size", "200", "--eval-size", "20", "--eval-samples", "10", "--threads", "1",
            "--no-progress", "--out", str(tmp_path), "--grad-draws", "3", "--grad-batch", "16",
-           "--baseline-warmup", "2"]
+           "--baseline-warmup", "2", *example_args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     for name in ("estimators.json", "variance.png", "curves.png"):

@@ -26,9 +26,9 @@ class ShiftedPosterior(nn.Module):
 
 
 @pytest.fixture
-def ppca():
+def ppca(device):
     torch.manual_seed(1)
-    model = PPCA(torch.randn(6, 3), mu=torch.randn(6), sigma=0.6)
+    model = PPCA(torch.randn(6, 3), mu=torch.randn(6), sigma=0.6).to(device)
     return model, model.sample(40)
 
 
@@ -74,10 +74,10 @@ def test_k1_importance_sampling_equals_single_sample_elbo(ppca):
 
 def test_closed_form_gaussian_kl_matches_monte_carlo(ppca):
     model, x = ppca
-    guide = make_guide("mean_field", latent_dim=3, hidden=[8], x_dim=6)
+    guide = make_guide("mean_field", latent_dim=3, hidden=[8], x_dim=6).to(x.device)
     terms = evaluate.elbo_terms(model, guide, x, num_samples=20000)
     q = guide.get_posterior(x)
-    prior = dist.Normal(torch.zeros(3), 1.0).to_event(1)
+    prior = dist.Normal(x.new_zeros(3), 1.0).to_event(1)
     analytic = torch.distributions.kl_divergence(q, prior).detach()
     assert torch.allclose(terms["kl"], analytic, atol=0.03)
     assert torch.allclose(terms["elbo"], terms["reconstruction"] - terms["kl"])

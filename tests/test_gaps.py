@@ -58,11 +58,12 @@ def _train(model: PPCA, name: str, x_train: torch.Tensor) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def ppca():
-    """A PPCA model, 32 test points and an amortized mean-field guide trained on 2000 others."""
+def ppca(device):
+    """A PPCA model, 32 test points and an amortized mean-field guide trained on 2000 others, on ``device``."""
     pyro.clear_param_store()
     pyro.set_rng_seed(0)  # module fixtures run before the per-test seeding of conftest
-    model = PPCA(torch.randn(8, 3, generator=torch.Generator().manual_seed(0)), sigma=0.7)
+    # W from a CPU generator: the same model on every device
+    model = PPCA(torch.randn(8, 3, generator=torch.Generator().manual_seed(0)), sigma=0.7).to(device)
     x_train, x = model.sample(2000), model.sample(32)
     guide = _train(model, "mean_field", x_train)
     return model, guide, x, x_train
@@ -126,15 +127,15 @@ def test_family_override_full_cov_on_a_mean_field_guide(ppca):
     assert rep.amortization_gap.mean() > model.optimal_mean_field_gap()
 
 
-def test_pareto_khat_recovers_known_tail_index():
+def test_pareto_khat_recovers_known_tail_index(device):
     # w = U^(-xi) has a Pareto tail with index 1/xi, so PSIS's k-hat estimates xi
-    u = torch.rand(5000, 20, dtype=torch.float64)
+    u = torch.rand(5000, 20, dtype=torch.float64, device=device)
     light, heavy = pareto_khat(-0.2 * u.log()), pareto_khat(-1.0 * u.log())
     assert abs(light.mean().item() - 0.2) < 0.1 and abs(heavy.mean().item() - 1.0) < 0.1
     assert (light < KHAT_THRESHOLD).all() and (heavy > KHAT_THRESHOLD).all()
-    assert torch.isnan(pareto_khat(torch.zeros(100, 3))).all()  # exact proposal: k-hat undefined
+    assert torch.isnan(pareto_khat(torch.zeros(100, 3, device=device))).all()  # exact proposal: k-hat undefined
     with pytest.raises(ValueError, match=r"\(K, N\)"):
-        pareto_khat(torch.zeros(10))
+        pareto_khat(torch.zeros(10, device=device))
 
 
 def test_khat_share_and_json_round_trip(report, tmp_path):
@@ -196,11 +197,11 @@ def test_gap_figures_are_written(report, tmp_path):
         viz.save_gap_bars([], tmp_path / "none.png")
 
 
-def test_example_smoke_and_checkpoint_reuse(tmp_path):
+def test_example_smoke_and_checkpoint_reuse(tmp_path, example_args):
     out = tmp_path / "run"
     tiny = ["--epochs", "1", "--train-size", "200", "--eval-size", "20", "--eval-samples", "10", "--threads", "1",
             "--no-progress", "--guides", "mean_field", "--num-points", "4", "--local-steps", "20",
-            "--refine-steps", "0,5", "--refine-samples", "5"]
+            "--refine-steps", "0,5", "--refine-samples", "5", *example_args]
     env = dict(os.environ)
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "guide_swap_gaps.py"), *tiny, "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=300)

@@ -9,22 +9,24 @@ import torch
 from vi_lab import checkpoint, evaluate, fit
 from vi_lab.data import binarize, load_dataset
 from vi_lab.guides import make_guide
-from vi_lab.infer import TrainingDiverged, pick_device
+from vi_lab.device import pick_device
+from vi_lab.infer import TrainingDiverged
 from vi_lab.models import VAE
 
 
 @pytest.fixture(scope="module")
-def mnist_slice():
+def mnist_slice(device):
     images = load_dataset("mnist", "train").images[:600]
-    return binarize(images, "static", seed=0)
+    return binarize(images, "static", seed=0).to(device)
 
 
-def small_pair(latent_dim=5):
-    return VAE(latent_dim, [64]), make_guide("mean_field", latent_dim=latent_dim, hidden=[64])
+def small_pair(latent_dim=5, device="cpu"):
+    return (VAE(latent_dim, [64]).to(device),
+            make_guide("mean_field", latent_dim=latent_dim, hidden=[64]).to(device))
 
 
-def test_fit_raises_the_elbo_on_real_mnist(mnist_slice, tmp_path):
-    model, guide = small_pair()
+def test_fit_raises_the_elbo_on_real_mnist(mnist_slice, tmp_path, device):
+    model, guide = small_pair(device=device)
     x_train, x_test = mnist_slice[:500], mnist_slice[500:]
     before = evaluate.elbo(model, guide, x_test, num_samples=5).mean().item()
     result = fit(model, guide, x_train, epochs=4, batch_size=50, lr=3e-3, progress=False,
@@ -38,8 +40,8 @@ def test_fit_raises_the_elbo_on_real_mnist(mnist_slice, tmp_path):
 
 
 @pytest.mark.parametrize("batch_size", [32, 100])
-def test_reported_elbo_is_per_datapoint_and_matches_full_data_evaluation(mnist_slice, batch_size):
-    model, guide = small_pair()
+def test_reported_elbo_is_per_datapoint_and_matches_full_data_evaluation(mnist_slice, batch_size, device):
+    model, guide = small_pair(device=device)
     x = mnist_slice[:400]
     # lr = 0 freezes the parameters, so the epoch's running ELBO must equal a full-data evaluation
     result = fit(model, guide, x, epochs=1, batch_size=batch_size, lr=0.0, progress=False)
@@ -109,7 +111,7 @@ def test_divergence_stops_with_epoch_and_step_and_keeps_the_checkpoint(mnist_sli
 
 def test_invalid_data_is_not_mistaken_for_divergence(mnist_slice):
     model, guide = small_pair()
-    grey = load_dataset("mnist", "train").images[:40]  # not binary: Bernoulli's support check fails
+    grey = load_dataset("mnist", "train", device=mnist_slice.device).images[:40]  # not binary: Bernoulli's support check fails
     with pytest.raises(ValueError, match="support|constraint") as err:
         fit(model, guide, grey, epochs=1, batch_size=40, progress=False)
     assert not isinstance(err.value, TrainingDiverged)
@@ -161,9 +163,12 @@ def test_fit_runs_on_cuda(mnist_slice):
 def test_resume_is_exact_for_hand_written_function_pairs(mnist_slice, tmp_path):
     """Modules hidden inside plain model/guide functions are restored through the param store."""
 
+    x = mnist_slice[:120]
+
     def make_pair():
         decoder = torch.nn.Sequential(torch.nn.Linear(3, 32), torch.nn.ReLU(), torch.nn.Linear(32, 784))
         encoder = torch.nn.Linear(784, 6)
+        decoder.to(x.device), encoder.to(x.device)  # plain functions: fit cannot move what it cannot see
 
         def model(x):
             pyro.module("dec", decoder)
@@ -173,14 +178,13 @@ def test_resume_is_exact_for_hand_written_function_pairs(mnist_slice, tmp_path):
 
         def guide(x):
             pyro.module("enc", encoder)
-            scale = pyro.param("scale_floor", torch.tensor(0.01), constraint=pyro.distributions.constraints.positive)
+            scale = pyro.param("scale_floor", x.new_tensor(0.01), constraint=pyro.distributions.constraints.positive)
             with pyro.plate("data", x.shape[0]):
                 loc, raw = encoder(x).chunk(2, -1)
                 pyro.sample("z", pyro.distributions.Normal(loc, torch.nn.functional.softplus(raw) + scale).to_event(1))
 
         return model, guide
 
-    x = mnist_slice[:120]
     kwargs = dict(batch_size=40, lr=1e-2, progress=False, seed=1)
     pyro.set_rng_seed(11)
     straight = fit(*make_pair(), x, epochs=3, **kwargs)
@@ -190,3 +194,36 @@ def test_resume_is_exact_for_hand_written_function_pairs(mnist_slice, tmp_path):
     pyro.clear_param_store()
     resumed = fit(*make_pair(), x, epochs=3, checkpoint_dir=tmp_path, resume=True, **kwargs)
     assert resumed.history[2]["train_elbo"] == pytest.approx(straight.history[2]["train_elbo"], abs=1e-9)
+
+
+def test_fit_trains_where_the_data_is_unless_told(mnist_slice, device):
+    model, guide = small_pair()  # built on the CPU
+    result = fit(model, guide, mnist_slice[:40], epochs=1, batch_size=40, progress=False)
+    assert result.device == str(mnist_slice.device)
+    assert next(model.parameters()).device == mnist_slice.device == next(guide.parameters()).device
+    result = fit(model, guide, mnist_slice[:40], epochs=1, batch_size=40, progress=False, device="cpu")
+    assert result.device == "cpu" and next(model.parameters()).device.type == "cpu"
+
+
+def test_evaluating_modules_on_another_device_than_the_data_is_a_clear_error():
+    # "meta" stands in for a GPU here: a second device that any machine has
+    model, guide = small_pair(device="meta")
+    with pytest.raises(ValueError, match=r"x is on cpu but the VAE's parameters are on meta.*\.to\("):
+        evaluate.elbo(model, guide, torch.zeros(3, 784))
+
+
+def test_checkpoint_loads_onto_another_device_with_rng_states_on_the_cpu(mnist_slice, tmp_path):
+    # the GPU failure "RNG state must be a torch.ByteTensor" came from map_location moving the
+    # saved RNG states with the weights; "meta" reproduces it without a GPU
+    model, guide = small_pair()
+    fit(model, guide, mnist_slice[:40], epochs=1, batch_size=40, progress=False, checkpoint_dir=tmp_path)
+    state = checkpoint.load(tmp_path / "last.pt", map_location="meta")
+    assert all(v.device.type == "meta" for v in state["model"].values())
+    assert all(v.device.type == "meta" for v in state["param_store"]["params"].values())
+    assert state["rng"]["torch"].device.type == "cpu" and state["rng"]["torch"].dtype == torch.uint8
+    before = torch.get_rng_state()
+    torch.manual_seed(12345)
+    checkpoint.set_rng_state(state["rng"])
+    assert torch.equal(torch.get_rng_state(), checkpoint.load(tmp_path / "last.pt")["rng"]["torch"])
+    torch.set_rng_state(before)
+

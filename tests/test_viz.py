@@ -20,13 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def pair():
-    return VAE(3, [16]), make_guide("mean_field", latent_dim=3, hidden=[16])
+def pair(device):
+    return VAE(3, [16]).to(device), make_guide("mean_field", latent_dim=3, hidden=[16]).to(device)
 
 
 @pytest.fixture
-def x():
-    return torch.rand(12, 784)
+def x(device):
+    return torch.rand(12, 784, device=device)
 
 
 def size_of(path: Path) -> tuple[int, int]:
@@ -51,8 +51,8 @@ def test_edits_png(tmp_path, pair, x):
     assert size_of(viz.save_edits(*pair, x, tmp_path / "e.png", edits={1: 2.0}, n=4)) == (300, 250)
 
 
-def test_class_grid_png(tmp_path):
-    model = CVAE(3, [16], num_classes=4)
+def test_class_grid_png(tmp_path, device):
+    model = CVAE(3, [16], num_classes=4).to(device)
     assert size_of(viz.save_class_grid(model, tmp_path / "c.png", n_styles=2, classes=[0, 1, 3])) == (250, 200)
 
 
@@ -65,13 +65,13 @@ def test_rows_png(tmp_path, x):
 
 @pytest.mark.parametrize("latent_dim", [2, 5])
 def test_latent_scatter_png(tmp_path, x, latent_dim):
-    guide = make_guide("mean_field", latent_dim=latent_dim, hidden=[16])
-    labels = torch.arange(12) % 3
+    guide = make_guide("mean_field", latent_dim=latent_dim, hidden=[16]).to(x.device)
+    labels = torch.arange(12, device=x.device) % 3
     assert size_of(viz.save_latent_scatter(guide, x, labels, tmp_path / "s.png")) == (600, 500)
 
 
-def test_sample_grids_png(tmp_path):
-    models = {"D = 2": VAE(2, [16]), "D = 5": VAE(5, [16])}
+def test_sample_grids_png(tmp_path, device):
+    models = {"D = 2": VAE(2, [16]).to(device), "D = 5": VAE(5, [16]).to(device)}
     assert size_of(viz.save_sample_grids(models, tmp_path / "g.png", n=16, nrow=4)) == (480, 300)
 
 
@@ -121,16 +121,16 @@ def test_traversal_varies_one_coordinate_per_row(pair, x, captured, tmp_path):
     images, kwargs = captured[0]
     base = viz.posterior_mean(guide, x[:1])[0]
     z = base.repeat(2, 3, 1)
-    z[0, :, 2] = torch.tensor([-2.0, 0.0, 2.0])
-    z[1, :, 0] = torch.tensor([-2.0, 0.0, 2.0])
+    z[0, :, 2] = z.new_tensor([-2.0, 0.0, 2.0])
+    z[1, :, 0] = z.new_tensor([-2.0, 0.0, 2.0])
     assert torch.allclose(images, model.decode(z).reshape(6, 784), atol=1e-6)
     assert kwargs["row_labels"] == ["z_3", "z_1"]
 
 
 def test_default_traversal_rows_are_the_most_used_coordinates(pair, x, captured, tmp_path, monkeypatch):
     model, guide = pair
-    spread = torch.tensor([0.1, 5.0, 1.0])  # coordinate 2 (z_2) varies most over the batch
-    monkeypatch.setattr(viz, "posterior_mean", lambda g, xb: torch.randn(xb.shape[0], 3) * spread)
+    spread = x.new_tensor([0.1, 5.0, 1.0])  # coordinate 2 (z_2) varies most over the batch
+    monkeypatch.setattr(viz, "posterior_mean", lambda g, xb: torch.randn(xb.shape[0], 3, device=xb.device) * spread)
     viz.save_traversals(model, guide, x, tmp_path / "t.png", max_dims=2)
     assert captured[0][1]["row_labels"] == ["z_2", "z_3"]
 
@@ -140,20 +140,20 @@ def test_edits_shift_the_chosen_coordinates(pair, x, captured, tmp_path):
     viz.save_edits(model, guide, x, tmp_path / "e.png", edits={0: 1.5, 2: -1.0}, n=3)
     images, _ = captured[0]
     z = viz.posterior_mean(guide, x[:3])
-    edited = z + torch.tensor([1.5, 0.0, -1.0])
+    edited = z + z.new_tensor([1.5, 0.0, -1.0])
     assert torch.equal(images[:3], x[:3])
     assert torch.allclose(images[3:6], model.decode(z), atol=1e-6)
     assert torch.allclose(images[6:], model.decode(edited), atol=1e-6)
 
 
-def test_class_grid_shares_z_along_a_row(captured, tmp_path):
-    model = CVAE(3, [16], num_classes=4)
+def test_class_grid_shares_z_along_a_row(captured, tmp_path, device):
+    model = CVAE(3, [16], num_classes=4).to(device)
     torch.manual_seed(0)
     viz.save_class_grid(model, tmp_path / "c.png", n_styles=2, classes=[1, 3])
     images, kwargs = captured[0]
-    torch.manual_seed(0)
-    z = torch.randn(2, 1, 3)
-    expected = torch.stack([model.decode(z[i].expand(2, 3), torch.tensor([1, 3])) for i in range(2)])
+    torch.manual_seed(0)  # the same draw as the picture's, on the model's device
+    z = torch.randn(2, 1, 3, device=device)
+    expected = torch.stack([model.decode(z[i].expand(2, 3), torch.tensor([1, 3], device=device)) for i in range(2)])
     assert torch.allclose(images, expected.reshape(4, 784), atol=1e-6)
     assert kwargs["col_labels"] == ["1", "3"]
 
@@ -163,12 +163,13 @@ def test_bad_picture_arguments_are_clear_errors(pair, x, tmp_path):
     with pytest.raises(ValueError, match=r"dims must be .* in \[0, 2\]"):
         viz.save_traversals(model, guide, x, tmp_path / "t.png", dims=[3])
     with pytest.raises(ValueError, match="at least 2 latent dimensions"):
-        viz.save_latent_scatter(make_guide("mean_field", latent_dim=1, hidden=[16]), x, torch.zeros(12), tmp_path / "s.png")
+        viz.save_latent_scatter(make_guide("mean_field", latent_dim=1, hidden=[16]).to(x.device), x,
+                                x.new_zeros(12), tmp_path / "s.png")
     with pytest.raises(ValueError, match="both be"):
         viz.save_interpolation(model, guide, x[:2], x[:3], tmp_path / "i.png")
 
 
-def test_vae_mnist_writes_the_latent_pictures(tmp_path, monkeypatch):
+def test_vae_mnist_writes_the_latent_pictures(tmp_path, monkeypatch, example_args):
     # in-process (tests/test_examples.py runs the script through a subprocess)
     spec = importlib.util.spec_from_file_location("vae_mnist_example", ROOT / "examples" / "vae_mnist.py")
     example = importlib.util.module_from_spec(spec)
@@ -176,7 +177,7 @@ def test_vae_mnist_writes_the_latent_pictures(tmp_path, monkeypatch):
     spec.loader.exec_module(example)
     cfg = example.parse_args(["--epochs", "1", "--train-size", "200", "--eval-size", "20", "--eval-samples", "10",
                               "--threads", "1", "--no-progress", "--out", str(tmp_path), "--hidden", "32",
-                              "--latent-dim", "3"])
+                              "--latent-dim", "3", *example_args])
     example.main(cfg)
     for name in ("interpolation.png", "traversals.png", "edits.png", "latent_scatter.png", "samples.png"):
         assert (tmp_path / name).stat().st_size > 1000, name

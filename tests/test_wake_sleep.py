@@ -33,9 +33,9 @@ class Identity(nn.Module):
         return x
 
 
-def small_pair(x_dim: int = 6, latent_dim: int = 2):
-    model = vi_lab.VAE(latent_dim, [8], x_dim=x_dim)
-    guide = vi_lab.make_guide("mean_field", latent_dim=latent_dim, hidden=[8], x_dim=x_dim)
+def small_pair(device: torch.device, x_dim: int = 6, latent_dim: int = 2):
+    model = vi_lab.VAE(latent_dim, [8], x_dim=x_dim).to(device)
+    guide = vi_lab.make_guide("mean_field", latent_dim=latent_dim, hidden=[8], x_dim=x_dim).to(device)
     return model, guide
 
 
@@ -50,21 +50,20 @@ def _moves(grads) -> bool:
 # ------------------------------------------------------------------- which data the sleep phase sees
 
 
-def test_sleep_phase_learns_the_model_posterior_from_dreams_not_the_data():
+def test_sleep_phase_learns_the_model_posterior_from_dreams_not_the_data(device):
     # Linear-Gaussian model with an exact posterior p(z | x) = N((x_1 + x_2) / 3, 1/3); the
     # training data come from elsewhere (mean 10). Trained on dreams (z, x~) ~ p, a
     # linear-Gaussian guide converges to p(z | x); trained on the data x with dreamed z
     # (independent of x) it would converge to p(z): zero slope, unit scale. The guide
     # starts with zero weights, N(0, softplus(0)^2), and must move away from there.
-    ppca = PPCA(torch.tensor([[1.0], [1.0]]), sigma=1.0)
-    guide = MeanFieldGuide(Identity(2), 1)
+    ppca = PPCA(torch.tensor([[1.0], [1.0]]), sigma=1.0).to(device)
+    guide = MeanFieldGuide(Identity(2), 1).to(device)
     with torch.no_grad():
         for p in guide.parameters():
             p.zero_()
-    data = 10 + torch.randn(2000, 2)
-    fit_wake_sleep(ppca, guide, data, objective="wake_sleep", epochs=5, batch_size=100, lr=0.05,
-                   device="cpu", progress=False)
-    assert torch.allclose(guide.loc.weight, torch.full((1, 2), 1 / 3), atol=0.08), guide.loc.weight
+    data = 10 + torch.randn(2000, 2, device=device)
+    fit_wake_sleep(ppca, guide, data, objective="wake_sleep", epochs=5, batch_size=100, lr=0.05, progress=False)
+    assert torch.allclose(guide.loc.weight, torch.full((1, 2), 1 / 3, device=device), atol=0.08), guide.loc.weight
     x = ppca.sample(2000)
     q, p = guide.get_posterior(x), ppca.posterior(x)
     rms = (q.mean - p.mean).pow(2).mean().sqrt().item()
@@ -72,8 +71,8 @@ def test_sleep_phase_learns_the_model_posterior_from_dreams_not_the_data():
     assert abs(q.base_dist.scale.mean().item() - 3**-0.5) < 0.08
 
 
-def test_sleep_phase_feeds_the_guide_dreams_and_the_dreamed_latents():
-    model, guide = small_pair()
+def test_sleep_phase_feeds_the_guide_dreams_and_the_dreamed_latents(device):
+    model, guide = small_pair(device)
     seen = {}
 
     def spy(x, *args):
@@ -81,7 +80,7 @@ def test_sleep_phase_feeds_the_guide_dreams_and_the_dreamed_latents():
         seen["x"], seen["z"] = x, trace.nodes["z"]["value"]
         return seen["z"]
 
-    data = torch.zeros(5, 6)
+    data = torch.zeros(5, 6, device=device)
     with torch.no_grad():
         model.decoder.net[-1].bias.fill_(30.0)  # every dreamed pixel is 1, unlike the all-zero data
     ReweightedWakeSleep(num_particles=1, insomnia=0.0, num_sleep_particles=3).sleep(model, spy, data)
@@ -104,9 +103,9 @@ def test_sleep_phase_feeds_the_guide_dreams_and_the_dreamed_latents():
 
 @pytest.mark.parametrize("objective", [ReweightedWakeSleep(1, 0.0), ReweightedWakeSleep(4, 0.5)],
                          ids=["wake_sleep", "rws"])
-def test_wake_loss_moves_only_the_generator_and_guide_loss_only_the_recognition_network(objective):
-    model, guide = small_pair()
-    x = torch.bernoulli(torch.full((7, 6), 0.4))
+def test_wake_loss_moves_only_the_generator_and_guide_loss_only_the_recognition_network(objective, device):
+    model, guide = small_pair(device)
+    x = torch.bernoulli(torch.full((7, 6), 0.4, device=device))
     losses = objective(model, guide, x)
     model_params, guide_params = list(model.parameters()), list(guide.parameters())
     assert _moves(_grads(losses.model_loss, model_params))
@@ -115,26 +114,26 @@ def test_wake_loss_moves_only_the_generator_and_guide_loss_only_the_recognition_
     assert not _moves(_grads(losses.guide_loss, model_params))
 
 
-def test_aevb_loss_moves_both_networks():
+def test_aevb_loss_moves_both_networks(device):
     # the contrast that shows the check above can fail: the ELBO's pathwise gradient reaches the guide
-    model, guide = small_pair()
-    losses = AEVB()(model, guide, torch.bernoulli(torch.full((7, 6), 0.4)))
+    model, guide = small_pair(device)
+    losses = AEVB()(model, guide, torch.bernoulli(torch.full((7, 6), 0.4, device=device)))
     assert losses.model_loss is losses.guide_loss
     assert _moves(_grads(losses.model_loss, list(guide.parameters())))
 
 
-def test_a_wake_step_leaves_the_guide_and_a_sleep_step_leaves_the_model():
-    model, guide = small_pair()
-    x = torch.bernoulli(torch.full((40, 6), 0.4))
+def test_a_wake_step_leaves_the_guide_and_a_sleep_step_leaves_the_model(device):
+    model, guide = small_pair(device)
+    x = torch.bernoulli(torch.full((40, 6), 0.4, device=device))
     before_m = [p.detach().clone() for p in model.parameters()]
     before_g = [p.detach().clone() for p in guide.parameters()]
     fit_wake_sleep(model, guide, x, objective="wake_sleep", epochs=1, batch_size=20, lr=0.1, guide_lr=0.0,
-                   device="cpu", progress=False)
+                   progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before_g, guide.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(before_m, model.parameters()))
     before_m = [p.detach().clone() for p in model.parameters()]
     fit_wake_sleep(model, guide, x, objective="wake_sleep", epochs=1, batch_size=20, lr=0.0, guide_lr=0.1,
-                   device="cpu", progress=False)
+                   progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before_m, model.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(before_g, guide.parameters()))
 
@@ -143,9 +142,9 @@ def test_a_wake_step_leaves_the_guide_and_a_sleep_step_leaves_the_model():
 
 
 @pytest.mark.parametrize("insomnia", [1.0, 0.0, 0.5])
-def test_reweighted_wake_sleep_equals_pyros_on_one_datapoint(insomnia):
-    model, guide = small_pair()
-    x = torch.bernoulli(torch.full((1, 6), 0.5))
+def test_reweighted_wake_sleep_equals_pyros_on_one_datapoint(insomnia, device):
+    model, guide = small_pair(device)
+    x = torch.bernoulli(torch.full((1, 6), 0.5, device=device))
 
     def pyro_guide(x, observations=None):  # Pyro hands dreamed data to the guide by keyword
         return guide(observations["x"] if observations else x)
@@ -165,11 +164,11 @@ def test_reweighted_wake_sleep_equals_pyros_on_one_datapoint(insomnia):
         assert torch.allclose(p.grad, g, atol=1e-5)
 
 
-def test_wake_theta_is_the_per_datapoint_importance_weighted_bound():
+def test_wake_theta_is_the_per_datapoint_importance_weighted_bound(device):
     # log w_kb = log p(x_b, z_kb) - log q(z_kb | x_b) per datapoint, then log-mean-exp over k:
     # not Pyro's weights of the whole batch
-    model, guide = small_pair()
-    x = torch.bernoulli(torch.full((3, 6), 0.5))
+    model, guide = small_pair(device)
+    x = torch.bernoulli(torch.full((3, 6), 0.5, device=device))
     rws = ReweightedWakeSleep(4, 1.0)
     rws.wake(model, guide, x)  # the first call traces the plate nesting (one extra draw)
     pyro.set_rng_seed(5)
@@ -180,45 +179,44 @@ def test_wake_theta_is_the_per_datapoint_importance_weighted_bound():
     expected_w = (model.prior(x).log_prob(z) + model.likelihood(model.decoder(z)).log_prob(x)
                   - guide.get_posterior(x).log_prob(z))  # (4, 3)
     assert torch.allclose(log_w, expected_w, atol=1e-4)
-    expected = -(expected_w.logsumexp(0) - torch.log(torch.tensor(4.0))).mean()
+    expected = -(expected_w.logsumexp(0) - torch.log(x.new_tensor(4.0))).mean()
     assert loss.item() == pytest.approx(expected.item(), abs=1e-4)
 
 
 # ------------------------------------------------------------------- the training loop
 
 
-def test_aevb_in_the_two_optimizer_loop_reproduces_fit():
-    x = torch.bernoulli(torch.full((120, 6), 0.3))
-    model, guide = small_pair()
+def test_aevb_in_the_two_optimizer_loop_reproduces_fit(device):
+    x = torch.bernoulli(torch.full((120, 6), 0.3, device=device))
+    model, guide = small_pair(device)
     state = ({k: v.clone() for k, v in model.state_dict().items()}, {k: v.clone() for k, v in guide.state_dict().items()})
-    ours = fit_wake_sleep(model, guide, x, objective="aevb", epochs=2, batch_size=40, lr=0.01, device="cpu",
-                          progress=False)
+    ours = fit_wake_sleep(model, guide, x, objective="aevb", epochs=2, batch_size=40, lr=0.01, progress=False)
     ours_params = [p.detach().clone() for p in (*model.parameters(), *guide.parameters())]
     model.load_state_dict(state[0])
     guide.load_state_dict(state[1])
-    theirs = vi_lab.fit(model, guide, x, loss="trace", epochs=2, batch_size=40, lr=0.01, device="cpu", progress=False)
+    theirs = vi_lab.fit(model, guide, x, loss="trace", epochs=2, batch_size=40, lr=0.01, progress=False)
     assert [h["train_elbo"] for h in ours.history] == pytest.approx([h["train_elbo"] for h in theirs.history], abs=1e-5)
     for a, b in zip(ours_params, (*model.parameters(), *guide.parameters())):
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_history_records_at_the_requested_sample_counts_and_the_end():
-    model, guide = small_pair()
-    x = torch.bernoulli(torch.full((200, 6), 0.3))
-    result = fit_wake_sleep(model, guide, x, objective="rws", epochs=2, batch_size=50, device="cpu",
+def test_history_records_at_the_requested_sample_counts_and_the_end(device):
+    model, guide = small_pair(device)
+    x = torch.bernoulli(torch.full((200, 6), 0.3, device=device))
+    result = fit_wake_sleep(model, guide, x, objective="rws", epochs=2, batch_size=50,
                             progress=False, eval_data=x[:20], eval_at=[50, 120, 10_000])
     assert [h["samples_seen"] for h in result.history] == [50, 150, 400]
     assert all(set(h) >= {"epoch", "train_elbo", "model_loss", "guide_loss", "seconds", "test_elbo"}
                for h in result.history)
-    default = fit_wake_sleep(model, guide, x, epochs=2, batch_size=50, device="cpu", progress=False)
+    default = fit_wake_sleep(model, guide, x, epochs=2, batch_size=50, progress=False)
     assert [(h["epoch"], h["samples_seen"]) for h in default.history] == [(1, 200), (2, 400)]
 
 
-def test_wake_sleep_improves_the_test_elbo_on_mnist():
-    d = runs.load_data("mnist", train_size=1000, eval_size=200)
+def test_wake_sleep_improves_the_test_elbo_on_mnist(device):
+    d = runs.load_data("mnist", train_size=1000, eval_size=200, device=device)
     model, guide = vi_lab.VAE(5, [64]), vi_lab.make_guide("mean_field", latent_dim=5, hidden=[64])
     result = fit_wake_sleep(model, guide, d.x_train, objective="wake_sleep", epochs=3, batch_size=50, lr=3e-3,
-                            device="cpu", progress=False, binarize="dynamic", eval_data=d.x_test, eval_at=[50])
+                            progress=False, binarize="dynamic", eval_data=d.x_test, eval_at=[50])
     first, last = result.history[0]["test_elbo"], result.history[-1]["test_elbo"]
     assert last > first + 50, f"test ELBO went from {first:.1f} to {last:.1f} nats"
 
@@ -245,11 +243,11 @@ def test_errors_name_what_is_wrong():
 # ------------------------------------------------------------------- the example
 
 
-def test_wake_sleep_vs_aevb_example_runs(tmp_path):
+def test_wake_sleep_vs_aevb_example_runs(tmp_path, example_args):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "examples" / "wake_sleep_vs_aevb.py"), "--epochs", "1", "--train-size", "200",
            "--eval-size", "20", "--eval-samples", "10", "--threads", "1", "--no-progress", "--out", str(out),
-           "--latent-dims", "2", "3", "--hidden", "16"]
+           "--latent-dims", "2", "3", "--hidden", "16", *example_args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("wake_sleep_vs_aevb.json", "wake_sleep_vs_aevb.png", "samples_by_latent_dim.png"):

@@ -15,7 +15,8 @@ Example::
 from vi_lab.data import load_dataset
 from vi_lab.evaluate import elbo, log_likelihood
 from vi_lab.guides import GUIDES, make_guide
-from vi_lab.infer import FitResult, TrainingDiverged, fit, pick_device
+from vi_lab.device import pick_device
+from vi_lab.infer import FitResult, TrainingDiverged, fit
 from vi_lab.models import VAE
 
 __version__ = "0.1.0"

@@ -21,12 +21,19 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured."""
-    torch.set_rng_state(state["torch"])
+    """Restore what :func:`rng_state` captured, wherever the checkpoint was written or loaded.
+
+    torch wants its generator states as CPU byte tensors, so states that travelled to a
+    GPU (``torch.load(map_location="cuda")``) are brought back first. CUDA states are
+    restored for as many GPUs as both machines have; a checkpoint written on a CPU
+    leaves the GPU generators as they are, one written on a GPU resumes on a CPU.
+    """
+    torch.set_rng_state(state["torch"].cpu())
     random.setstate(state["random"])
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
@@ -57,14 +64,38 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     return path
 
 
-def load(path: str | Path, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_atomic`, with a clear error if it is missing.
+
+    Tensors go to ``map_location`` except the random-number-generator states under
+    ``"rng"``, which stay the CPU byte tensors torch restores them from: a checkpoint
+    written on a GPU resumes on a CPU and the other way round.
 
     :param path: the checkpoint file.
     :param map_location: device to load tensors onto.
+
+    Example::
+
+        state = load("runs/x/last.pt", map_location="cuda")
+        set_rng_state(state["rng"])
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train without resume first, or pass the right path")
     # weights_only=False: the file holds RNG states (Python tuples, NumPy arrays) written by us
-    return torch.load(path, map_location=map_location, weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict):
+        return state
+    device = torch.device(map_location)
+    return {k: (v if k == "rng" else _to_device(v, device)) for k, v in state.items()}
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor inside dicts, lists and tuples moved to ``device``."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return type(obj)((k, _to_device(v, device)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj

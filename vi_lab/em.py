@@ -39,7 +39,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from vi_lab.infer import pick_device
+from vi_lab.device import resolve_device
 from vi_lab.models.loglinear import CHUNK, LatentClassModel, Stats
 
 logger = logging.getLogger("vi_lab.em")
@@ -269,7 +269,7 @@ def em(
     :param seed: base seed.
     :param init: draw random starting parameters (``model.reset_parameters``); with
         ``False`` and ``restarts=1`` EM starts from the model's current parameters.
-    :param device: ``None`` picks ``cuda`` when available, else ``cpu``.
+    :param device: ``None`` keeps the data's device, ``"auto"`` picks ``cuda`` when available, or a device.
     :param chunk: datapoints per E-step chunk.
     :param progress: show a progress bar.
     :returns: :class:`EMResult`; ``result.history`` is the training log-likelihood per
@@ -293,7 +293,7 @@ def em(
         raise ValueError(f"unknown inner optimizer {inner_optimizer!r}; valid: {sorted(INNER_OPTIMIZERS)}")
     if len(x) == 0:
         raise ValueError("x is empty: EM needs at least one datapoint")
-    dev = pick_device(device)
+    dev = resolve_device(device, x)
     model.to(dev)
     x = x.to(dev)
     model.check_x(x)

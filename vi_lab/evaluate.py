@@ -29,6 +29,9 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
+from pyro.poutine.util import prune_subsample_sites
+
+from vi_lab.device import check_modules_on
 
 #: elements of a (K, B, x_dim) tensor allowed per chunk: bounds memory for K = 5000
 CHUNK_ELEMENTS = 2**23
@@ -115,6 +118,9 @@ def log_weight_terms(
     with poutine.block(), pyro.plate("_vi_lab_particles", num_samples, dim=-(nesting + 1)):
         guide_trace = poutine.trace(guide).get_trace(x, *args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, *args, **kwargs)
+    # a plate's subsample site is bookkeeping, not a latent: Pyro's ELBOs prune it too (its
+    # zero log-density is a CPU tensor, which would pull the weights off a GPU)
+    guide_trace, model_trace = prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
     zero = x.new_zeros(num_samples, batch)
     log_lik, log_prior, log_q = zero, zero, zero
     for name, site in model_trace.nodes.items():
@@ -161,6 +167,7 @@ def _check_inputs(x: torch.Tensor, num_samples: int) -> None:
 def _chunked(model, guide, x, args, kwargs, num_samples, batch_size, reduce) -> torch.Tensor:
     """Apply ``reduce(list_of_terms) -> (..., B)`` over batch and particle chunks; join on the batch dim."""
     _check_inputs(x, num_samples)
+    check_modules_on(x, model, guide)
     n = x.shape[0]
     nesting = None
     out = []

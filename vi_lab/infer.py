@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from vi_lab import checkpoint as ckpt
 from vi_lab import evaluate
 from vi_lab.data import DeviceBatches, binarize as binarize_fn
+from vi_lab.device import resolve_device
 from vi_lab.estimators import Estimator, prepare as prepare_estimator
 
 #: loss names accepted by :func:`fit`; any ``pyro.infer.ELBO`` instance is accepted too
@@ -100,19 +101,6 @@ def training_objective(fn: Callable, site_scales: dict[str, float] | None = None
             return fn(x, *args, **kwargs)
 
     return wrapped
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """``cuda`` when available and nothing else is asked for, else ``cpu``.
-
-    :param device: ``None`` or ``"auto"`` to choose, or an explicit device.
-    """
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no GPU; use device='cpu' or 'auto'")
-    return device
 
 
 def make_loss(loss: str | ELBO, num_particles: int = 1) -> ELBO:
@@ -237,7 +225,9 @@ def fit(
     :param epochs: total epochs (a resumed run continues up to this number).
     :param batch_size: datapoints per step.
     :param lr: Adam learning rate (ignored when ``optimizer`` is given).
-    :param device: ``None`` picks ``cuda`` when available, else ``cpu``.
+    :param device: where to train: ``None`` keeps the data's device, ``"auto"`` picks
+        ``cuda`` when available, else a device such as ``"cuda"`` or ``"cpu"``. Data,
+        model and guide are moved there (and stay there afterwards).
     :param seed: seeds Pyro/torch/NumPy/random at the start of a fresh run.
     :param checkpoint_dir: where ``last.pt`` and ``metrics.jsonl`` go.
     :param resume: ``True`` to continue from ``checkpoint_dir/last.pt``, or a checkpoint path.
@@ -266,8 +256,8 @@ def fit(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if optimizer is None and not (lr >= 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
-    dev = pick_device(device)
     x, extra = data_tensors(data)
+    dev = resolve_device(device, x)
     x = x.to(dev)
     extra = extra.to(dev) if extra is not None else None
     for m in _modules(model, guide):
@@ -306,7 +296,7 @@ def fit(
         path = ckpt_path if resume is True else Path(resume)
         if path is None:
             raise ValueError("resume=True needs checkpoint_dir (or pass the checkpoint's path as resume=)")
-        state = ckpt.load(path, map_location=dev)
+        state = ckpt.load(path, map_location=dev)  # any device's checkpoint; RNG states stay on the CPU
         x0 = transform(x[:batch_size]) if transform is not None else x[:batch_size]  # what steps see
         first = (x0, extra[:batch_size]) if extra is not None else (x0,)
         _restore(state, model, guide, optim, svi, first, path)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from vi_lab.data import DATASETS, binarize, load_dataset
-from vi_lab.infer import pick_device
+from vi_lab.device import pick_device
 
 
 @dataclass(frozen=True)

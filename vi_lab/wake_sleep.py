@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 
 from vi_lab import evaluate
 from vi_lab.data import DeviceBatches, binarize as binarize_fn
-from vi_lab.infer import FitResult, TrainingDiverged, data_tensors, make_loss, pick_device, training_objective
+from vi_lab.device import resolve_device
+from vi_lab.infer import FitResult, TrainingDiverged, data_tensors, make_loss, training_objective
 
 
 class PhaseLosses(NamedTuple):
@@ -280,7 +281,7 @@ def fit_wake_sleep(
     :param batch_size: datapoints per step.
     :param lr: generator learning rate (and the guide's unless ``guide_lr``).
     :param guide_lr: recognition network learning rate.
-    :param device: ``None`` picks ``cuda`` when available.
+    :param device: ``None`` keeps the data's device, ``"auto"`` picks ``cuda`` when available, or a device.
     :param seed: seeds Pyro/torch at the start.
     :param progress: show a tqdm bar.
     :param binarize: per-batch binarization mode (``"dynamic"`` resamples every batch).
@@ -314,8 +315,8 @@ def fit_wake_sleep(
         raise ValueError(f"wake-sleep has no KL term to weight: site scales {model.site_scales} (beta) "
                          "apply to objective='aevb' only; build the model with beta=1")
     model_params, guide_params = _params(model, "model"), _params(guide, "guide")
-    dev = pick_device(device)
     x, extra = data_tensors(data)
+    dev = resolve_device(device, x)
     x, extra = x.to(dev), (extra.to(dev) if extra is not None else None)
     model.to(dev)
     guide.to(dev)

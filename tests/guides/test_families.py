@@ -28,23 +28,24 @@ D = 3
 NOISE = {"iaf": 0.1, "planar": 0.05, "radial": 0.1, "mixture": 0.1}
 
 
-def small_guide(name: str) -> torch.nn.Module:
+def small_guide(name: str, device: torch.device) -> torch.nn.Module:
     """A guide on 784-pixel inputs whose parameters are pushed off their initialization,
-    so the oracles below would notice a wrong log-determinant or a wrong density."""
+    so the oracles below would notice a wrong log-determinant or a wrong density.
+    Built and perturbed on the CPU (the same values on every device), then moved to ``device``."""
     guide = make_guide(name, latent_dim=D, hidden=[16])
     with torch.no_grad():
         for p in guide.parameters():
             p.add_(NOISE.get(name, 0.3) * torch.randn_like(p))
-    return guide
+    return guide.to(device)
 
 
 @pytest.fixture
-def x():
-    return torch.rand(4, 784)
+def x(device):
+    return torch.rand(4, 784, device=device)
 
 
-def prior() -> dist.Distribution:
-    return dist.Normal(torch.zeros(D), 1.0).to_event(1)
+def prior(device: torch.device) -> dist.Distribution:
+    return dist.Normal(torch.zeros(D, device=device), 1.0).to_event(1)
 
 
 def test_registry_holds_every_family_and_names_errors():
@@ -68,7 +69,7 @@ def test_registry_holds_every_family_and_names_errors():
 def test_family_options_reach_the_posterior(name, x):
     options = {"low_rank": {"rank": 2}, "mixture": {"components": 4}, "iaf": {"flow_steps": 3},
                "planar": {"flow_steps": 5}, "radial": {"flow_steps": 5}}.get(name, {})
-    q = make_guide(name, latent_dim=D, hidden=[16], **options).get_posterior(x)
+    q = make_guide(name, latent_dim=D, hidden=[16], **options).to(x.device).get_posterior(x)
     assert q.batch_shape == (4,) and q.event_shape == (D,)
     if name == "low_rank":
         assert q.cov_factor.shape == (4, D, 2)
@@ -77,8 +78,8 @@ def test_family_options_reach_the_posterior(name, x):
     if name in FLOWS:
         assert len(q.transforms) == options["flow_steps"]
     if name == "full_cov":  # starts as a mean-field posterior, and its correlations can be learned
-        assert torch.equal(q.scale_tril.tril(-1), torch.zeros(4, D, D))
-        guide = make_guide(name, latent_dim=D, hidden=[16])
+        assert torch.equal(q.scale_tril.tril(-1), x.new_zeros(4, D, D))
+        guide = make_guide(name, latent_dim=D, hidden=[16]).to(x.device)
         (guide.get_posterior(x).rsample() ** 3).sum().backward()
         assert guide.lower.weight.grad.abs().sum() > 0
 
@@ -88,7 +89,7 @@ def test_samples_get_the_density_of_the_distribution_that_drew_them(name, x):
     # E_{z ~ q}[r(z) / q(z)] = 1 for any normalized density r: true only if log q(z) is the
     # log-density of the distribution that drew z (a wrong log-det or normalizer shifts it).
     # r: a Gaussian narrower than q (bounded weights), fitted to q's own draws.
-    q = small_guide(name).get_posterior(x)
+    q = small_guide(name, x.device).get_posterior(x)
     with torch.no_grad():
         z = q.rsample((20000,))  # (S, B, D)
         log_q = q.log_prob(z)  # scored through the flow's cache: the draws' own log-density
@@ -99,7 +100,7 @@ def test_samples_get_the_density_of_the_distribution_that_drew_them(name, x):
         w = (r.log_prob(z64) - log_q.double()).exp().float()  # (S, B)
     se = w.std(0) / math.sqrt(w.shape[0])
     assert (se < 0.01).all()
-    assert torch.allclose(w.mean(0), torch.ones(4), atol=0.03), (w.mean(0), se)
+    assert torch.allclose(w.mean(0), x.new_ones(4), atol=0.03), (w.mean(0), se)
 
 
 def flow_log_density_by_autograd(q: dist.TransformedDistribution, eps: torch.Tensor) -> tuple:
@@ -116,7 +117,7 @@ def flow_log_density_by_autograd(q: dist.TransformedDistribution, eps: torch.Ten
 
 @pytest.mark.parametrize("name", FLOWS)
 def test_flow_log_density_is_the_change_of_variables_with_the_true_jacobian(name, x):
-    q = small_guide(name).get_posterior(x)
+    q = small_guide(name, x.device).get_posterior(x)
     eps = q.base_dist.sample((50,))
     z = eps
     for t in q.transforms:
@@ -131,33 +132,35 @@ def test_flow_log_density_is_the_change_of_variables_with_the_true_jacobian(name
         assert torch.allclose(q.log_prob(z.clone()), log_q, atol=1e-4)
 
 
-def independent_kl_estimate(name: str, q: dist.Distribution, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+def independent_kl_estimate(name: str, q: dist.Distribution, num_samples: int,
+                            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """KL(q || prior) by a route that shares nothing with q's own rsample/log_prob: analytic, or MC with
     torch's MixtureSameFamily, or MC with an autograd Jacobian. Returns (estimate, standard error)."""
     if name in ("mean_field", "full_cov", "low_rank"):
-        p = prior() if name == "mean_field" else dist.MultivariateNormal(torch.zeros(D), torch.eye(D))
-        return kl_divergence(q, p), torch.zeros(q.batch_shape)
+        p = prior(device) if name == "mean_field" else \
+            dist.MultivariateNormal(torch.zeros(D, device=device), torch.eye(D, device=device))
+        return kl_divergence(q, p), torch.zeros(q.batch_shape, device=device)
     if name == "mixture":
         ref = torch.distributions.MixtureSameFamily(
             torch.distributions.Categorical(logits=q.component_logits),
             torch.distributions.Independent(torch.distributions.Normal(q.locs, q.coord_scale), 1))
         z = ref.sample((num_samples,))
-        d = ref.log_prob(z) - prior().log_prob(z)
+        d = ref.log_prob(z) - prior(device).log_prob(z)
     else:
         z, log_q = flow_log_density_by_autograd(q, q.base_dist.sample((num_samples,)))
-        d = log_q - prior().log_prob(z)
+        d = log_q - prior(device).log_prob(z)
     return d.mean(0), d.std(0) / math.sqrt(num_samples)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_monte_carlo_kl_to_the_prior_matches_an_independent_estimate(name, x):
-    q = small_guide(name).get_posterior(x)
+    q = small_guide(name, x.device).get_posterior(x)
     n = 10000
     with torch.no_grad():
         z = q.rsample((n,))
-        d = q.log_prob(z) - prior().log_prob(z)  # (S, B)
+        d = q.log_prob(z) - prior(x.device).log_prob(z)  # (S, B)
     mc, mc_se = d.mean(0), d.std(0) / math.sqrt(n)
-    ref, ref_se = independent_kl_estimate(name, q, n)
+    ref, ref_se = independent_kl_estimate(name, q, n, x.device)
     tol = 4 * (mc_se**2 + ref_se**2).sqrt() + 1e-3
     assert (mc > 0.3).all()  # posteriors far from the prior: a wrong density could not hide
     assert ((mc - ref).abs() < tol).all(), (mc, ref, tol)
@@ -165,24 +168,24 @@ def test_monte_carlo_kl_to_the_prior_matches_an_independent_estimate(name, x):
 
 @pytest.mark.parametrize("name", ["planar", "radial"])
 def test_flows_without_an_inverse_refuse_score_function_training(name, x):
-    guide = make_guide(name, latent_dim=D, hidden=[16])
+    guide = make_guide(name, latent_dim=D, hidden=[16]).to(x.device)
     guide.reparameterized = False
     with pytest.raises(NotImplementedError, match="supports reparameterized sampling only"):
         guide(x)
 
 
 @pytest.fixture(scope="module")
-def mnist_slice():
-    images = load_dataset("mnist", "test").images[:256]  # the smaller file: faster to read
+def mnist_slice(device):
+    images = load_dataset("mnist", "test", device=device).images[:256]  # the smaller file: faster to read
     return binarize(images, "static", seed=0)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_family_trains_inside_fit_and_raises_the_elbo(name, mnist_slice):
     x = mnist_slice
-    model = vi_lab.VAE(4, [32])
+    model = vi_lab.VAE(4, [32]).to(x.device)  # evaluated before fit: on the data's device already
     options = {"flow_steps": 2} if name in ("planar", "radial") else {}
-    guide = make_guide(name, latent_dim=4, hidden=[32], **options)
+    guide = make_guide(name, latent_dim=4, hidden=[32], **options).to(x.device)
     before = evaluate.elbo(model, guide, x, num_samples=4).mean().item()
     result = vi_lab.fit(model, guide, x, epochs=2, batch_size=32, lr=3e-3, progress=False)
     after = evaluate.elbo(model, guide, x, num_samples=4).mean().item()
@@ -214,13 +217,13 @@ def test_vae_mnist_passes_family_options_and_rejects_ones_that_do_not_apply(caps
     assert "--rank does not apply to the iaf guide (it takes --flow-steps)" in capsys.readouterr().err
 
 
-def test_vae_mnist_runs_with_a_flow_guide(tmp_path):
+def test_vae_mnist_runs_with_a_flow_guide(tmp_path, example_args):
     root = Path(__file__).resolve().parents[2]
     out = tmp_path / "run"
     tiny = ["--epochs", "1", "--train-size", "200", "--eval-size", "20", "--eval-samples", "10", "--threads", "1",
             "--no-progress", "--hidden", "32"]
     proc = subprocess.run([sys.executable, str(root / "examples" / "vae_mnist.py"), *tiny, "--guide", "iaf",
-                           "--flow-steps", "1", "--out", str(out)], capture_output=True, text=True, cwd=root,
+                           "--flow-steps", "1", "--out", str(out), *example_args], capture_output=True, text=True, cwd=root,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("metrics.json", "metrics.jsonl", "samples.png", "reconstructions.png", "curves.png", "last.pt"):

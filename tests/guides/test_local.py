@@ -17,9 +17,9 @@ D = 3
 
 
 @pytest.fixture
-def ppca():
+def ppca(device):
     torch.manual_seed(0)
-    model = PPCA(torch.randn(8, D), mu=torch.randn(8), sigma=0.5)
+    model = PPCA(torch.randn(8, D), mu=torch.randn(8), sigma=0.5).to(device)  # W, mu: the same on every device
     return model, model.sample(16)
 
 
@@ -42,7 +42,7 @@ def test_registry_lists_every_family():
 
 def test_local_full_cov_reaches_the_exact_log_likelihood(ppca):
     model, x = ppca
-    local = make_local_guide("full_cov", num_data=x.shape[0], latent_dim=D)
+    local = make_local_guide("full_cov", num_data=x.shape[0], latent_dim=D).to(x.device)
     fits = optimize(model, local, x)
     exact = model.log_marginal(x)
     with torch.no_grad():
@@ -55,7 +55,7 @@ def test_local_full_cov_reaches_the_exact_log_likelihood(ppca):
 
 def test_local_mean_field_leaves_the_optimal_mean_field_gap(ppca):
     model, x = ppca
-    local = make_local_guide("mean_field", num_data=x.shape[0], latent_dim=D)
+    local = make_local_guide("mean_field", num_data=x.shape[0], latent_dim=D).to(x.device)
     optimize(model, local, x)
     optimal = model.optimal_mean_field_gap()  # 0.5 * (sum_i log L_ii - log det L)
     assert optimal > 0.05  # a correlated posterior: mean-field cannot close the gap
@@ -68,7 +68,7 @@ def test_local_mean_field_leaves_the_optimal_mean_field_gap(ppca):
 
 def test_local_iaf_gets_closer_than_any_mean_field_guide(ppca):
     model, x = ppca
-    local = make_local_guide("iaf", num_data=x.shape[0], latent_dim=D, flow_steps=2)
+    local = make_local_guide("iaf", num_data=x.shape[0], latent_dim=D, flow_steps=2).to(x.device)
     optimize(model, local, x)
     with torch.no_grad():
         gap = (model.log_marginal(x) - evaluate.elbo(model, local, x, num_samples=2000)).mean().item()
@@ -79,7 +79,7 @@ def test_local_iaf_gets_closer_than_any_mean_field_guide(ppca):
 @pytest.mark.parametrize("name", ["low_rank", "mixture", "planar", "radial"])
 def test_other_local_families_train_with_optimize_local(ppca, name):
     model, x = ppca
-    local = make_local_guide(name, num_data=x.shape[0], latent_dim=D)
+    local = make_local_guide(name, num_data=x.shape[0], latent_dim=D).to(x.device)
     with torch.no_grad():
         before = evaluate.elbo(model, local, x, num_samples=200).mean().item()
     fit = optimize_local(model, local, x, lr=0.05, num_particles=8, max_steps=150, window=50)
@@ -88,18 +88,18 @@ def test_other_local_families_train_with_optimize_local(ppca, name):
     assert fit.steps > 0 and after > before + 5  # from the N(0, I) start, about 10-20 nats below log p(x)
 
 
-def amortized(name: str) -> torch.nn.Module:
+def amortized(name: str, device: torch.device) -> torch.nn.Module:
     guide = make_guide(name, latent_dim=D, hidden=[16])
     with torch.no_grad():  # off its initialization, so a partial copy would show
         for p in guide.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    return guide
+    return guide.to(device)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_a_local_guide_started_from_its_amortized_family_is_an_exact_copy(name):
-    x = torch.rand(5, 784)
-    guide = amortized(name)
+def test_a_local_guide_started_from_its_amortized_family_is_an_exact_copy(name, device):
+    x = torch.rand(5, 784, device=device)
+    guide = amortized(name, device)
     local = make_local_guide(name, init_from=guide, x=x)
     assert local.num_data == 5 and local.latent_dim == D
     for option in ("rank", "components", "flow_steps"):
@@ -119,9 +119,9 @@ def test_a_local_guide_started_from_its_amortized_family_is_an_exact_copy(name):
 
 
 @pytest.mark.parametrize("name", ["iaf", "planar", "radial"])
-def test_a_local_flow_started_from_another_family_starts_at_the_identity(name):
-    x = torch.rand(5, 784)
-    mean_field = amortized("mean_field")
+def test_a_local_flow_started_from_another_family_starts_at_the_identity(name, device):
+    x = torch.rand(5, 784, device=device)
+    mean_field = amortized("mean_field", device)
     q = mean_field.get_posterior(x)
     local = make_local_guide(name, init_from=mean_field, x=x, flow_steps=3)
     q_local = local.get_posterior(x)
@@ -132,9 +132,9 @@ def test_a_local_flow_started_from_another_family_starts_at_the_identity(name):
 
 
 @pytest.mark.parametrize("name", ["full_cov", "low_rank", "mixture"])
-def test_other_local_families_match_the_moments_of_a_different_start(name):
-    x = torch.rand(5, 784)
-    full_cov = amortized("full_cov")
+def test_other_local_families_match_the_moments_of_a_different_start(name, device):
+    x = torch.rand(5, 784, device=device)
+    full_cov = amortized("full_cov", device)
     q = full_cov.get_posterior(x)
     local = make_local_guide(name, init_from=q, rank=D) if name == "low_rank" else \
         make_local_guide(name, init_from=q)
@@ -147,17 +147,17 @@ def test_other_local_families_match_the_moments_of_a_different_start(name):
         assert torch.allclose(q_local.covariance_matrix, q.covariance_matrix, atol=1e-3)
 
 
-def test_local_guides_reject_the_wrong_points_and_mismatched_starts():
-    x = torch.rand(5, 784)
-    local = make_local_guide("mean_field", num_data=5, latent_dim=D)
+def test_local_guides_reject_the_wrong_points_and_mismatched_starts(device):
+    x = torch.rand(5, 784, device=device)
+    local = make_local_guide("mean_field", num_data=5, latent_dim=D).to(device)
     with pytest.raises(ValueError, match="holds parameters for 5 datapoints but got a batch of 4"):
         local(x[:4])
-    iaf = amortized("iaf")
+    iaf = amortized("iaf", device)
     with pytest.raises(ValueError, match="has 2 flow steps but this local guide has 3; build it with flow_steps=2"):
         make_local_guide("iaf", init_from=iaf, x=x, flow_steps=3)
     with pytest.raises(ValueError, match=r"needs batch \(6,\) and event \(3,\)"):
         make_local_guide("full_cov", num_data=6, init_from=iaf, x=x)
-    planar = make_local_guide("planar", num_data=5, latent_dim=D)
+    planar = make_local_guide("planar", num_data=5, latent_dim=D).to(device)
     planar.reparameterized = False
     with pytest.raises(NotImplementedError, match="supports reparameterized sampling only"):
         planar(x)

@@ -9,9 +9,9 @@ from vi_lab.guides import make_guide
 from vi_lab.models import LIKELIHOODS, VAE, make_likelihood
 
 
-def test_model_sites_have_the_batch_rightmost():
-    model = VAE(3, [16])
-    x = torch.bernoulli(torch.full((7, 784), 0.3))
+def test_model_sites_have_the_batch_rightmost(device):
+    model = VAE(3, [16]).to(device)
+    x = torch.bernoulli(torch.full((7, 784), 0.3, device=device))
     trace = poutine.trace(model).get_trace(x)
     trace.compute_log_prob()
     assert trace.nodes["z"]["log_prob"].shape == (7,)
@@ -19,23 +19,24 @@ def test_model_sites_have_the_batch_rightmost():
     assert trace.nodes["x"]["is_observed"]
 
 
-def test_prior_is_standard_normal():
-    model = VAE(3, [16])
-    prior = model.prior(torch.zeros(4, 784))
-    z = torch.randn(4, 3)
-    expected = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+def test_prior_is_standard_normal(device):
+    model = VAE(3, [16]).to(device)
+    prior = model.prior(torch.zeros(4, 784, device=device))
+    z = torch.randn(4, 3, device=device)
+    expected = torch.distributions.Normal(z.new_tensor(0.0), 1.0).log_prob(z).sum(-1)
     assert torch.allclose(prior.log_prob(z), expected)
 
 
 @pytest.mark.parametrize("name", sorted(LIKELIHOODS))
-def test_likelihoods_are_normalized_on_one_pixel(name):
+def test_likelihoods_are_normalized_on_one_pixel(name, device):
     # integrate / sum the density of a single pixel over its support: a real density sums to 1
-    lik = make_likelihood(name, 1)
-    out = torch.tensor([[0.4]])
+    lik = make_likelihood(name, 1).to(device)
+    out = torch.tensor([[0.4]], device=device)
     if name == "bernoulli":
-        total = sum(lik(out).log_prob(torch.tensor([[v]])).exp() for v in (0.0, 1.0))
+        total = sum(lik(out).log_prob(out.new_tensor([[v]])).exp() for v in (0.0, 1.0))
     else:
-        grid = torch.linspace(-3, 4, 70001)[:, None] if name == "gaussian" else torch.linspace(1e-6, 1 - 1e-6, 20001)[:, None]
+        lo, hi, steps = (-3, 4, 70001) if name == "gaussian" else (1e-6, 1 - 1e-6, 20001)
+        grid = torch.linspace(lo, hi, steps, device=device)[:, None]
         dens = lik(out.expand(len(grid), 1)).log_prob(grid).exp()
         total = torch.trapezoid(dens, grid[:, 0])
     assert total.item() == pytest.approx(1.0, abs=2e-3)

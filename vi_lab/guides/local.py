@@ -18,6 +18,7 @@ import torch
 from pyro.infer import SVI, ELBO, Trace_ELBO
 from torch import nn
 
+from vi_lab.device import check_modules_on
 from vi_lab.guides.full_cov import LocalFullCov
 from vi_lab.guides.local_base import MIN_SCALE, LocalGuide, inv_softplus, moments
 from vi_lab.guides.local_flows import LocalIAF, LocalPlanar, LocalRadial
@@ -96,10 +97,22 @@ def make_local_guide(
         family_kwargs = {**cls.options_from(q), **family_kwargs}
     guide = cls(num_data, latent_dim, **family_kwargs)
     if x is not None or q is not None:
-        guide.to(x.device if x is not None else q.sample().device)
+        guide.to(x.device if x is not None else _device_of(q))
     if q is not None:
         guide.init_from(q)
     return guide
+
+
+def _device_of(q: dist.Distribution) -> torch.device:
+    """The device of a distribution's parameters (a draw only when none is found: it costs randomness)."""
+    todo = [q]
+    while todo:
+        for value in vars(todo.pop()).values():
+            if torch.is_tensor(value):
+                return value.device
+            if isinstance(value, torch.distributions.Distribution):
+                todo.append(value)
+    return q.sample().device
 
 
 @dataclass
@@ -149,6 +162,7 @@ def optimize_local(
     """
     from vi_lab.infer import training_objective  # deferred: infer imports the guides package
 
+    check_modules_on(x, model, guide)
     elbo = loss or Trace_ELBO(num_particles=num_particles, vectorize_particles=True)
     optim = pyro.optim.Adam({"lr": lr})
     store = pyro.get_param_store()

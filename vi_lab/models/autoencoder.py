@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vi_lab.data import DeviceBatches, binarize as binarize_fn
-from vi_lab.infer import pick_device
+from vi_lab.device import resolve_device
 from vi_lab.nets import make_decoder, make_encoder
 
 
@@ -222,7 +222,7 @@ def fit_autoencoder(
     :param epochs: passes over the data.
     :param batch_size: images per step.
     :param lr: Adam learning rate.
-    :param device: ``None`` picks ``cuda`` when available.
+    :param device: ``None`` keeps the data's device, ``"auto"`` picks ``cuda`` when available, or a device.
     :param seed: seeds torch at the start.
     :param binarize: per-batch binarization (``"dynamic"`` as for the VAE).
     :param eval_data: held-out images, in the training format; their loss is recorded.
@@ -236,7 +236,7 @@ def fit_autoencoder(
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
-    dev = pick_device(device)
+    dev = resolve_device(device, x)
     torch.manual_seed(seed)
     ae.to(dev)
     x = x.to(dev)

@@ -54,17 +54,22 @@ class LatentClassModel(nn.Module):
         SVI learns them by gradient).
     :param dtype: dtype of the parameters.
     :param name: prefix of the parameters in Pyro's param store.
+    :param device: where the parameters start (subclasses pass their data tensor's device;
+        ``None``: the prior's device, else the CPU).
     """
 
     def __init__(self, num_classes: int, *, prior: torch.Tensor | None = None, learn_prior: bool = True,
-                 dtype: torch.dtype = torch.float32, name: str = "loglinear") -> None:
+                 dtype: torch.dtype = torch.float32, name: str = "loglinear",
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if device is None and torch.is_tensor(prior):
+            device = prior.device
         if prior is None:
-            logits = torch.zeros(num_classes, dtype=dtype)
+            logits = torch.zeros(num_classes, dtype=dtype, device=device)
         else:
-            prior = torch.as_tensor(prior, dtype=dtype)
+            prior = torch.as_tensor(prior, dtype=dtype, device=device)
             if prior.shape != (num_classes,) or (prior < 0).any() or not torch.isclose(prior.sum(), prior.new_ones(())):
                 raise ValueError(f"prior must be {num_classes} non-negative probabilities summing to 1, "
                                  f"got shape {tuple(prior.shape)} summing to {prior.sum().item():.4g}")
@@ -139,10 +144,15 @@ class LatentClassModel(nn.Module):
         """Draw ``n`` pairs ``(x, z)`` from ``p(x, z)``.
 
         :param n: number of draws.
-        :returns: ``(x, z)``: observations ``(n, ...)`` and their classes ``(n,)``.
+        :param generator: a seeded ``torch.Generator`` on any device; the draws are made on
+            its device and moved to the model's, so a CPU generator gives the same data
+            whichever device the model is on.
+        :returns: ``(x, z)``: observations ``(n, ...)`` and their classes ``(n,)``, on the model's device.
         """
-        z = torch.multinomial(self.log_prior().exp(), n, replacement=True, generator=generator)
-        return self._sample_given(z, generator), z
+        device = self.prior_logits.device
+        where = generator.device if generator is not None else device
+        z = torch.multinomial(self.log_prior().exp().to(where), n, replacement=True, generator=generator)
+        return self._sample_given(z, generator).to(device), z.to(device)
 
     def _sample_given(self, z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError
@@ -188,11 +198,12 @@ class LogLinearLatentClass(LatentClassModel):
         if not torch.isfinite(features).all():
             raise ValueError("features must be finite")
         num_obs, num_classes, d = features.shape
-        super().__init__(num_classes, prior=prior, learn_prior=learn_prior, dtype=features.dtype, name=name)
+        super().__init__(num_classes, prior=prior, learn_prior=learn_prior, dtype=features.dtype, name=name,
+                         device=features.device)
         self.register_buffer("features", features)
         if weights is None:
             weights = features.new_zeros(d)
-        weights = torch.as_tensor(weights, dtype=features.dtype)
+        weights = torch.as_tensor(weights, dtype=features.dtype, device=features.device)
         if weights.shape != (d,):
             raise ValueError(f"weights must have shape ({d},) to match the {d} features, got {tuple(weights.shape)}")
         self.w = nn.Parameter(weights.clone())
@@ -264,7 +275,7 @@ class LogLinearLatentClass(LatentClassModel):
             self.w.copy_(torch.randn(self.num_features, generator=generator, dtype=self.w.dtype).to(self.w.device))
 
     def _sample_given(self, z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        probs = self.log_conditional().exp().T[z]  # (n, |X|)
+        probs = self.log_conditional().exp().T.to(z.device)[z]  # (n, |X|), on the generator's device
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -293,12 +304,14 @@ class BernoulliMixture(LatentClassModel):
     def __init__(self, num_classes: int, x_dim: int = 784, *, weights: torch.Tensor | None = None,
                  prior: torch.Tensor | None = None, learn_prior: bool = True, dtype: torch.dtype = torch.float32,
                  name: str = "bernoulli_mixture") -> None:
-        super().__init__(num_classes, prior=prior, learn_prior=learn_prior, dtype=dtype, name=name)
+        device = weights.device if torch.is_tensor(weights) else None  # else the prior's (the base class)
+        super().__init__(num_classes, prior=prior, learn_prior=learn_prior, dtype=dtype, name=name, device=device)
         if not isinstance(x_dim, int) or x_dim < 1:
             raise ValueError(f"x_dim must be a positive integer, got {x_dim!r}")
+        device = self.prior_logits.device
         if weights is None:
-            weights = torch.zeros(num_classes, x_dim, dtype=dtype)
-        weights = torch.as_tensor(weights, dtype=dtype)
+            weights = torch.zeros(num_classes, x_dim, dtype=dtype, device=device)
+        weights = torch.as_tensor(weights, dtype=dtype, device=device)
         if weights.shape != (num_classes, x_dim):
             raise ValueError(f"weights must have shape (num_classes, x_dim) = ({num_classes}, {x_dim}), "
                              f"got {tuple(weights.shape)}")
@@ -352,7 +365,7 @@ class BernoulliMixture(LatentClassModel):
         return torch.sigmoid(self.W)
 
     def _sample_given(self, z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return torch.bernoulli(torch.sigmoid(self.W[z]), generator=generator)
+        return torch.bernoulli(torch.sigmoid(self.W.to(z.device)[z]), generator=generator)  # generator's device
 
 
 def empty_guide(x: torch.Tensor, *args: Any, **kwargs: Any) -> None:

@@ -36,7 +36,7 @@ class PPCA(nn.Module):
         if sigma <= 0:
             raise ValueError(f"sigma must be > 0, got {sigma}")
         self.register_buffer("W", W.clone())
-        self.register_buffer("mu", torch.zeros(W.shape[0]) if mu is None else mu.clone())
+        self.register_buffer("mu", W.new_zeros(W.shape[0]) if mu is None else mu.to(W).clone())
         self.sigma = float(sigma)
         self.x_dim, self.latent_dim = W.shape
 
@@ -48,7 +48,7 @@ class PPCA(nn.Module):
 
     def marginal(self) -> dist.MultivariateNormal:
         """p(x) = N(mu, W W^T + sigma^2 I)."""
-        cov = self.W @ self.W.T + self.sigma**2 * torch.eye(self.x_dim, dtype=self.W.dtype)
+        cov = self.W @ self.W.T + self.sigma**2 * torch.eye(self.x_dim, dtype=self.W.dtype, device=self.W.device)
         return dist.MultivariateNormal(self.mu, covariance_matrix=cov)
 
     def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ class PPCA(nn.Module):
 
     def posterior_precision(self) -> torch.Tensor:
         """L = I + W^T W / sigma^2, the same for every x."""
-        return torch.eye(self.latent_dim, dtype=self.W.dtype) + self.W.T @ self.W / self.sigma**2
+        return torch.eye(self.latent_dim, dtype=self.W.dtype, device=self.W.device) + self.W.T @ self.W / self.sigma**2
 
     def posterior(self, x: torch.Tensor) -> dist.MultivariateNormal:
         """Exact p(z | x): batch shape ``(B,)``, event ``(D,)``."""
