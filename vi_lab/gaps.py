@@ -13,8 +13,8 @@ family cannot do; the amortization gap is what the encoder fails to do. A richer
 family (``rich_family``, full covariance by default) gives L[q*_rich], how far a better
 family would go. log p(x) is the importance-sampled estimate log p̂(x) with K draws
 from the best available proposal (q*, or q*_rich, is a better proposal than q), and
-Pareto-smoothed importance sampling's k-hat (arviz) says per datapoint whether it can
-be trusted (k-hat > 0.7: the estimate is unreliable; Vehtari et al., 2024).
+Pareto-smoothed importance sampling's k-hat (ArviZ's, from ``arviz_stats`` in ArviZ 1.x
+or ``arviz`` 0.x, whichever is installed) says per datapoint whether it can be trusted (k-hat > 0.7: the estimate is unreliable; Vehtari et al., 2024).
 
 Semi-amortized inference (:func:`refine`, :func:`refinement_curve`) runs the same local
 optimization at test time for a fixed number of steps, closing part of the amortization
@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import arviz
 import numpy as np
 import torch
 from torch import nn
@@ -86,14 +87,16 @@ def _fmt(stat: dict | None) -> str:
 
 
 def pareto_khat(log_weights: torch.Tensor) -> torch.Tensor:
-    """PSIS k-hat of the importance weights of each datapoint, via :func:`arviz.psislw`.
+    """PSIS k-hat of the importance weights of each datapoint, with ArviZ's ``psislw``.
 
     :param log_weights: ``(K, N)``: K log importance weights for each of N datapoints
         (as :func:`vi_lab.evaluate.log_weights` returns them).
     :returns: ``(N,)`` k-hat values, float64 on the CPU. Below 0.5 the weights have a
         finite variance; above 0.7 the importance-sampled estimate is unreliable. When
         all K weights of a datapoint are equal (up to 1e-6 nats), the proposal is the
-        exact posterior and k-hat is not defined: NaN is returned for that point.
+        exact posterior and k-hat is not defined: NaN is returned for that point, and
+        for a point whose largest weights are all equal (no tail to fit, whatever the
+        ArviZ version says about it).
 
     Example::
 
@@ -102,11 +105,58 @@ def pareto_khat(log_weights: torch.Tensor) -> torch.Tensor:
     """
     if log_weights.dim() != 2:
         raise ValueError(f"log_weights must be (K, N), got shape {tuple(log_weights.shape)}")
-    lw = log_weights.detach().double().cpu().T.contiguous().numpy()  # (N, K): arviz wants samples last
-    _, khat = arviz.psislw(lw.copy(), normalize=False)
-    khat = torch.as_tensor(np.asarray(khat, dtype=np.float64)).reshape(-1)
-    constant = torch.as_tensor(lw.max(1) - lw.min(1) < 1e-6)
-    return torch.where(constant, torch.full_like(khat, float("nan")), khat)
+    lw = log_weights.detach().double().cpu().T.contiguous().numpy()  # (N, K): ArviZ wants samples last
+    khat = np.full(lw.shape[0], np.nan)
+    fitted = lw.max(1) - lw.min(1) >= 1e-6  # constant weights: k-hat undefined, stays NaN
+    if fitted.any():
+        khat[fitted] = _psis_khat(lw[fitted])
+    khat[~np.isfinite(khat)] = np.nan  # ArviZ 0.x answers inf for a tail of equal weights, 1.x refuses it
+    return torch.from_numpy(khat)
+
+
+@lru_cache(maxsize=1)
+def psis_backend() -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
+    """The installed PSIS implementation: ``(name, khat_of)`` with ``khat_of((N, K) log weights) -> (N,)``.
+
+    ArviZ 1.x keeps ``psislw`` in ``arviz_stats`` (``array_stats.psislw``), which takes
+    log-*likelihoods* and smooths the weights ``exp(-x)``: it is given minus the log
+    weights. ArviZ 0.x has ``arviz.psislw``, which takes the log weights themselves; its
+    import prints a once-a-day ``FutureWarning`` banner about the 1.x refactor that says
+    nothing about vi_lab's use, so it is silenced for that import only.
+    """
+    try:
+        import arviz_stats
+        from arviz_stats.base import array_stats
+
+        if int(arviz_stats.__version__.split(".")[0]) >= 1:
+            return f"arviz_stats {arviz_stats.__version__}", lambda lw: array_stats.psislw(-lw, r_eff=1.0, axis=-1)[1]
+    except ImportError:
+        pass
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing a major refactor", category=FutureWarning)
+            import arviz
+    except ImportError:
+        raise ImportError("PSIS k-hat needs ArviZ: pip install 'arviz-stats>=1' (Python >= 3.12) or "
+                          "'arviz>=0.17,<1'") from None
+    if not hasattr(arviz, "psislw"):  # arviz 1.x without arviz_stats >= 1 cannot happen through pip
+        raise ImportError(f"arviz {arviz.__version__} has no psislw; pip install 'arviz-stats>=1'")
+    return f"arviz {arviz.__version__}", lambda lw: arviz.psislw(lw.copy(), normalize=False)[1]
+
+
+def _psis_khat(lw: np.ndarray) -> np.ndarray:
+    """k-hat per row of ``(N, K)`` log weights; NaN for a row whose tail cannot be fitted."""
+    _, khat_of = psis_backend()
+    try:
+        return np.asarray(khat_of(lw), dtype=np.float64).reshape(-1)
+    except ValueError:  # arviz_stats refuses a tail of equal values ("All tail values are the same")
+        out = np.full(lw.shape[0], np.nan)
+        for i, row in enumerate(lw):
+            try:
+                out[i] = np.asarray(khat_of(row[None]), dtype=np.float64).reshape(-1)[0]
+            except ValueError:
+                pass
+        return out
 
 
 def guide_family(guide: Any) -> str:
