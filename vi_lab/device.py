@@ -54,15 +54,6 @@ def resolve_device(device: str | torch.device | None, data: torch.Tensor) -> tor
     return pick_device(device)
 
 
-def module_device(*objs: Any) -> torch.device | None:
-    """The device of the first parameter or buffer of the ``nn.Module`` among ``objs`` (None if none has one)."""
-    for obj in objs:
-        if isinstance(obj, torch.nn.Module):
-            for t in (*obj.parameters(), *obj.buffers()):
-                return t.device
-    return None
-
-
 def check_modules_on(x: torch.Tensor, *objs: Any, what: str = "x") -> None:
     """Raise a clear error when a module among ``objs`` holds tensors on another device than ``x``.
 

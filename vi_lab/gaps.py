@@ -13,8 +13,9 @@ family cannot do; the amortization gap is what the encoder fails to do. A richer
 family (``rich_family``, full covariance by default) gives L[q*_rich], how far a better
 family would go. log p(x) is the importance-sampled estimate log p̂(x) with K draws
 from the best available proposal (q*, or q*_rich, is a better proposal than q), and
-Pareto-smoothed importance sampling's k-hat (ArviZ's, from ``arviz_stats`` in ArviZ 1.x
-or ``arviz`` 0.x, whichever is installed) says per datapoint whether it can be trusted (k-hat > 0.7: the estimate is unreliable; Vehtari et al., 2024).
+Pareto-smoothed importance sampling's k-hat (ArviZ's: ``arviz_stats`` of ArviZ 1.x, or
+``arviz`` 0.x) says per datapoint whether it can be trusted (k-hat > 0.7: the estimate
+is unreliable; Vehtari et al., 2024).
 
 Semi-amortized inference (:func:`refine`, :func:`refinement_curve`) runs the same local
 optimization at test time for a fixed number of steps, closing part of the amortization
