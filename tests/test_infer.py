@@ -220,10 +220,29 @@ def test_checkpoint_loads_onto_another_device_with_rng_states_on_the_cpu(mnist_s
     state = checkpoint.load(tmp_path / "last.pt", map_location="meta")
     assert all(v.device.type == "meta" for v in state["model"].values())
     assert all(v.device.type == "meta" for v in state["param_store"]["params"].values())
-    assert state["rng"]["torch"].device.type == "cpu" and state["rng"]["torch"].dtype == torch.uint8
     before = torch.get_rng_state()
     torch.manual_seed(12345)
     checkpoint.set_rng_state(state["rng"])
-    assert torch.equal(torch.get_rng_state(), checkpoint.load(tmp_path / "last.pt")["rng"]["torch"])
+    assert torch.equal(torch.get_rng_state(), torch.from_numpy(checkpoint.load(tmp_path / "last.pt")["rng"]["torch"]))
     torch.set_rng_state(before)
 
+
+def test_rng_states_of_older_checkpoints_restore_from_tensors():
+    # checkpoints written before RNG states were kept as NumPy arrays hold CPU tensors
+    state = {**checkpoint.rng_state(), "torch": torch.get_rng_state()}
+    expected = torch.rand(3)
+    torch.rand(5)
+    checkpoint.set_rng_state(state)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_resume_restores_the_optimizer_and_keeps_its_step_counts_on_the_cpu(mnist_slice, tmp_path):
+    model, guide = small_pair()
+    kwargs = dict(batch_size=20, lr=1e-3, progress=False, checkpoint_dir=tmp_path)
+    fit(model, guide, mnist_slice[:40], epochs=1, **kwargs)
+    optimizer = pyro.optim.Adam({"lr": 1e-3})
+    fit(model, guide, mnist_slice[:40], epochs=2, resume=True, optimizer=optimizer, **kwargs)
+    states = [opt.state_dict()["state"] for opt in optimizer.optim_objs.values()]
+    assert states and all(s[0]["step"].item() == 4 for s in states)  # 2 steps per epoch, restored + continued
+    assert all(s[0]["step"].device.type == "cpu" for s in states)
+    assert all(s[0]["exp_avg"].device == mnist_slice.device for s in states)

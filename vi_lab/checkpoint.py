@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import tempfile
@@ -13,27 +14,44 @@ import torch
 
 
 def rng_state() -> dict[str, Any]:
-    """Every random state training touches: torch (CPU and CUDA), Python, NumPy."""
-    state = {"torch": torch.get_rng_state(), "random": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    """Every random state training touches: torch (CPU and CUDA), Python, NumPy.
+
+    torch's generator states are kept as NumPy byte arrays, which ``torch.load`` leaves
+    where they are whatever its ``map_location``: a checkpoint written on a GPU resumes on
+    a CPU and the other way round. CUDA states are taken only when CUDA is in use (asking
+    for them would start CUDA on every visible GPU).
+    """
+    state = {"torch": torch.get_rng_state().numpy(), "random": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.numpy() for s in torch.cuda.get_rng_state_all()]
     return state
+
+
+def _byte_tensor(state: Any) -> torch.Tensor:
+    # a NumPy array (this module's format) or a tensor on any device (older checkpoints)
+    return state.detach().to("cpu") if torch.is_tensor(state) else torch.from_numpy(np.array(state, dtype=np.uint8))
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` captured, wherever the checkpoint was written or loaded.
 
-    torch wants its generator states as CPU byte tensors, so states that travelled to a
-    GPU (``torch.load(map_location="cuda")``) are brought back first. CUDA states are
-    restored for as many GPUs as both machines have; a checkpoint written on a CPU
-    leaves the GPU generators as they are, one written on a GPU resumes on a CPU.
+    torch wants CPU byte tensors; they are rebuilt from what was saved. CUDA states are
+    restored for as many GPUs as both machines have. A checkpoint written without CUDA
+    states (on a CPU) seeds the CUDA generators from its CPU state, so resuming it on a
+    GPU is repeatable too.
     """
-    torch.set_rng_state(state["torch"].cpu())
+    cpu = _byte_tensor(state["torch"])
+    torch.set_rng_state(cpu)
     random.setstate(state["random"])
     np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return  # CUDA unused here: nothing to restore (and asking would start it)
+    if "cuda" in state:
         for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state.cpu(), index)
+            torch.cuda.set_rng_state(_byte_tensor(cuda_state), index)
+    else:
+        digest = hashlib.sha256(cpu.numpy().tobytes()).digest()
+        torch.cuda.manual_seed_all(int.from_bytes(digest[:8], "little") % 2**63)
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
@@ -67,35 +85,17 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_atomic`, with a clear error if it is missing.
 
-    Tensors go to ``map_location`` except the random-number-generator states under
-    ``"rng"``, which stay the CPU byte tensors torch restores them from: a checkpoint
-    written on a GPU resumes on a CPU and the other way round.
-
     :param path: the checkpoint file.
-    :param map_location: device to load tensors onto.
+    :param map_location: device to load tensors onto (RNG states, kept as NumPy arrays by
+        :func:`rng_state`, stay on the CPU whatever it is).
 
     Example::
 
-        state = load("runs/x/last.pt", map_location="cuda")
+        state = load("runs/x/last.pt")
         set_rng_state(state["rng"])
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train without resume first, or pass the right path")
     # weights_only=False: the file holds RNG states (Python tuples, NumPy arrays) written by us
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict):
-        return state
-    device = torch.device(map_location)
-    return {k: (v if k == "rng" else _to_device(v, device)) for k, v in state.items()}
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    """``obj`` with every tensor inside dicts, lists and tuples moved to ``device``."""
-    if torch.is_tensor(obj):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return type(obj)((k, _to_device(v, device)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
+    return torch.load(path, map_location=map_location, weights_only=False)

@@ -170,7 +170,7 @@ def _restore(state: dict[str, Any], model, guide, optim, svi: SVI, first_args: t
             with torch.no_grad():
                 store._params[name].copy_(value)
         else:
-            store._params[name] = value.clone().requires_grad_()
+            store._params[name] = value.to(first_args[0].device).requires_grad_()
             store._constraints[name] = saved["constraints"][name]
             store._param_to_name[store._params[name]] = name
     optim.set_state(state["optim"])
@@ -296,7 +296,9 @@ def fit(
         path = ckpt_path if resume is True else Path(resume)
         if path is None:
             raise ValueError("resume=True needs checkpoint_dir (or pass the checkpoint's path as resume=)")
-        state = ckpt.load(path, map_location=dev)  # any device's checkpoint; RNG states stay on the CPU
+        # on the CPU: load_state_dict and copy_ below put each tensor where its parameter is,
+        # and torch's optimizer keeps its step counters on the CPU, as in a fresh run
+        state = ckpt.load(path, map_location="cpu")
         x0 = transform(x[:batch_size]) if transform is not None else x[:batch_size]  # what steps see
         first = (x0, extra[:batch_size]) if extra is not None else (x0,)
         _restore(state, model, guide, optim, svi, first, path)
