@@ -352,6 +352,19 @@ def test_binarize_static_is_repeatable(device):
     assert abs(float(a.mean()) - float(x.mean())) < 0.01
 
 
+def test_binarize_static_gives_the_same_images_on_every_device(device):
+    # a held-out set must not change when a run resumes on another device
+    x = _probs(device)
+    assert torch.equal(binarize(x, "static", seed=3).cpu(), binarize(x.cpu(), "static", seed=3))
+
+
+def test_binarize_dynamic_draws_where_its_generator_is(device):
+    x = _probs(device)
+    a = binarize(x, "dynamic", generator=torch.Generator().manual_seed(5))  # a CPU generator, any data
+    assert on(a, device)
+    assert torch.equal(a.cpu(), binarize(x.cpu(), "dynamic", generator=torch.Generator().manual_seed(5)))
+
+
 def test_binarize_dynamic_fresh_but_unbiased(device):
     x = _probs(device)
     a, b = binarize(x, "dynamic"), binarize(x, "dynamic")

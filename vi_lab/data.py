@@ -585,8 +585,8 @@ def binarize(
     - ``"dynamic"``: a fresh Bernoulli sample every call, from ``generator`` or
       else torch's global RNG, so restoring a checkpointed RNG state replays it;
       applied per batch it acts as data augmentation.
-    - ``"static"``: one Bernoulli sample from a generator seeded with ``seed``;
-      the same ``x`` and ``seed`` always give the same result on a given device.
+    - ``"static"``: one Bernoulli sample from a CPU generator seeded with ``seed``;
+      the same ``x`` and ``seed`` always give the same result, on any device.
       Apply it once to the whole dataset, not per batch, to get a fixed dataset.
     - ``"threshold"``: ``x > 0.5``.
     - ``"none"``: ``x`` unchanged.
@@ -594,7 +594,8 @@ def binarize(
     :param x: float tensor with values in ``[0, 1]``.
     :param mode: one of :data:`BINARIZATIONS`.
     :param seed: seed for ``"static"``.
-    :param generator: RNG for ``"dynamic"`` instead of the global one.
+    :param generator: RNG for ``"dynamic"`` instead of the global one, on any device
+        (the draw is made on its device and returned on ``x``'s).
     :returns: a tensor of ``x``'s shape and dtype.
     :raises ValueError: for an unknown mode, or a ``generator`` with ``"static"``.
 
@@ -604,12 +605,16 @@ def binarize(
         >>> batches = DeviceBatches(ds.images, 100, transform=lambda b: binarize(b, "dynamic"))  # doctest: +SKIP
     """
     if mode == "dynamic":
+        if generator is not None and generator.device != x.device:  # drawn where the generator is
+            return torch.bernoulli(x.to(generator.device), generator=generator).to(x.device)
         return torch.bernoulli(x, generator=generator)
     if mode == "static":
         if generator is not None:
             raise ValueError("binarize(mode='static') is seeded by `seed`; do not pass a generator")
-        fixed = torch.Generator(device=x.device).manual_seed(seed)
-        return torch.bernoulli(x, generator=fixed)
+        # drawn on the CPU whatever x's device: a held-out set is the same on a GPU, so a run
+        # resumed on another device keeps evaluating the same binary images
+        fixed = torch.Generator().manual_seed(seed)
+        return torch.bernoulli(x.to("cpu"), generator=fixed).to(x.device)
     if mode == "threshold":
         dtype = x.dtype if x.is_floating_point() else torch.float32
         return (x > 0.5).to(dtype)

@@ -294,7 +294,7 @@ class BaselineNet(nn.Module):
     def __init__(self, x_dim: int, hidden: int = 100, seed: int = 0) -> None:
         super().__init__()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.random.default_generator.manual_seed(seed)  # the CPU's only: torch.manual_seed seeds CUDA too
             self.net = MLP(x_dim, [hidden], 1, activation="tanh")
         last = self.net.net[-1]
         nn.init.zeros_(last.weight)
