@@ -134,6 +134,10 @@ def test_pareto_khat_recovers_known_tail_index(device):
     assert abs(light.mean().item() - 0.2) < 0.1 and abs(heavy.mean().item() - 1.0) < 0.1
     assert (light < KHAT_THRESHOLD).all() and (heavy > KHAT_THRESHOLD).all()
     assert torch.isnan(pareto_khat(torch.zeros(100, 3, device=device))).all()  # exact proposal: k-hat undefined
+    # weights that take two values (5% high) leave no tail to fit: NaN on both ArviZ generations
+    two_valued = torch.zeros(1000, 4, dtype=torch.float64)
+    two_valued[:50] = 3.0
+    assert torch.isnan(pareto_khat(two_valued)).all()
     with pytest.raises(ValueError, match=r"\(K, N\)"):
         pareto_khat(torch.zeros(10, device=device))
 
