@@ -1,6 +1,7 @@
 """What a new user meets on a fresh machine: silent imports, the PSIS backend their Python
 gets, and the warning policy of the suite (pyproject's filterwarnings)."""
 
+import os
 import subprocess
 import sys
 import warnings
@@ -15,8 +16,10 @@ def test_importing_vi_lab_on_a_fresh_home_prints_nothing(tmp_path):
     home, cache = tmp_path / "home", tmp_path / "cache"
     home.mkdir(), cache.mkdir()
     code = "import vi_lab, vi_lab.gaps, vi_lab.viz, vi_lab.em, vi_lab.wake_sleep; vi_lab.gaps.psis_backend()"
-    done = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True,
-                          env={"HOME": str(home), "XDG_CACHE_HOME": str(cache), "PATH": "/usr/bin:/bin"},
+    env = {"HOME": str(home), "XDG_CACHE_HOME": str(cache), "PATH": "/usr/bin:/bin"}
+    if "PYTHONPATH" in os.environ:  # packages installed beside the interpreter's (a lent GPU machine)
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    done = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, env=env,
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and done.stderr == ""
