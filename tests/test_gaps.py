@@ -138,6 +138,7 @@ def test_pareto_khat_recovers_known_tail_index(device):
     two_valued = torch.zeros(1000, 4, dtype=torch.float64)
     two_valued[:50] = 3.0
     assert torch.isnan(pareto_khat(two_valued)).all()
+    assert torch.isnan(pareto_khat(torch.randn(24, 3, dtype=torch.float64, device=device))).all()  # < 25 draws
     with pytest.raises(ValueError, match=r"\(K, N\)"):
         pareto_khat(torch.zeros(10, device=device))
 

@@ -96,8 +96,8 @@ def pareto_khat(log_weights: torch.Tensor) -> torch.Tensor:
         finite variance; above 0.7 the importance-sampled estimate is unreliable. When
         all K weights of a datapoint are equal (up to 1e-6 nats), the proposal is the
         exact posterior and k-hat is not defined: NaN is returned for that point, and
-        for a point whose tail cannot be fitted (:func:`_tail_unfit`), whatever the
-        ArviZ version says about it. ArviZ 0.x and 1.x round the tail length
+        for a point whose tail cannot be fitted (:func:`_tail_unfit`; always with fewer
+        than 25 draws), whatever the ArviZ version says about it. ArviZ 0.x and 1.x round the tail length
         differently, so between K = 226 and 1000 their k-hats of the same weights can
         differ by about 0.1; elsewhere by about 0.01.
 
@@ -113,7 +113,6 @@ def pareto_khat(log_weights: torch.Tensor) -> torch.Tensor:
     fitted = (lw.max(1) - lw.min(1) >= 1e-6) & ~_tail_unfit(lw)  # else k-hat is undefined: NaN
     if fitted.any():
         khat[fitted] = _psis_khat(lw[fitted])
-    khat[~np.isfinite(khat)] = np.nan  # ArviZ 0.x answers inf for a tail of equal weights, 1.x refuses it
     return torch.from_numpy(khat)
 
 
@@ -153,12 +152,14 @@ def _tail_unfit(lw: np.ndarray) -> np.ndarray:
     arviz_stats's rule, applied for both ArviZ generations (0.x fits such a tail and
     answers a meaningless k-hat, e.g. -5 for weights that take two values): the first
     quartile of the tail's exceedances over the cutoff is not above the smallest one.
-    The tail is the largest ``3 sqrt(K)`` weights (``K / 5`` for K <= 225).
+    The tail is the largest ``3 sqrt(K)`` weights (``K / 5`` for K <= 225); under 5 of
+    them (K < 25) arviz_stats refuses to fit and ArviZ 0.x answers inf or, rounding the
+    length up, fits 5 draws: no row is fitted.
     """
     k = lw.shape[1]
     m = int(3 * k**0.5) if k > 225 else k // 5
-    if m < 5:  # too short a tail: both generations answer a non-finite k-hat, made NaN
-        return np.zeros(lw.shape[0], dtype=bool)
+    if m < 5:
+        return np.ones(lw.shape[0], dtype=bool)
     top = np.sort(lw, axis=1)[:, -(m + 1):]  # (N, m + 1): the cutoff, then the tail ascending
     w = np.exp(top - top[:, -1:])
     exceed = w[:, 1:] - w[:, :1]  # (N, m)
@@ -166,21 +167,9 @@ def _tail_unfit(lw: np.ndarray) -> np.ndarray:
 
 
 def _psis_khat(lw: np.ndarray) -> np.ndarray:
-    """k-hat per row of ``(N, K)`` log weights; NaN for a row whose tail cannot be fitted."""
+    """k-hat per row of ``(N, K)`` log weights whose tails can be fitted (:func:`_tail_unfit`)."""
     _, khat_of = psis_backend()
-    try:
-        return np.asarray(khat_of(lw), dtype=np.float64).reshape(-1)
-    except ValueError as err:  # arviz_stats refuses a tail of equal values ("All tail values are the same")
-        if "tail" not in str(err):
-            raise
-    out = np.full(lw.shape[0], np.nan)
-    for i, row in enumerate(lw):
-        try:
-            out[i] = np.asarray(khat_of(row[None]), dtype=np.float64).reshape(-1)[0]
-        except ValueError as err:
-            if "tail" not in str(err):
-                raise
-    return out
+    return np.asarray(khat_of(lw), dtype=np.float64).reshape(-1)
 
 
 def guide_family(guide: Any) -> str:
