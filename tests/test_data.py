@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vi_lab import data
+from vi_lab import checkpoint, data
 from vi_lab.data import (
     BINARIZATIONS,
     DATASETS,
@@ -37,18 +37,6 @@ def on(t: torch.Tensor, device: torch.device) -> bool:
     if device.type == "cuda" and device.index is None:
         return t.device.index == torch.cuda.current_device()
     return device.index is None or t.device.index == device.index
-
-
-def rng_state(device: torch.device):
-    """The global RNG state(s) that draws on ``device`` use: the CPU one, and the GPU's for CUDA."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def set_rng_state(state, device: torch.device) -> None:
-    cpu, gpu = state
-    torch.set_rng_state(cpu)
-    if gpu is not None:
-        torch.cuda.set_rng_state(gpu, device)
 
 
 @pytest.fixture
@@ -375,10 +363,10 @@ def test_binarize_dynamic_fresh_but_unbiased(device):
 
 def test_binarize_dynamic_replays_with_global_rng_state(device):
     x = _probs(device)
-    state = rng_state(device)
+    state = checkpoint.rng_state()
     a = binarize(x, "dynamic")
     assert on(a, device)
-    set_rng_state(state, device)
+    checkpoint.set_rng_state(state)
     assert torch.equal(a, binarize(x, "dynamic"))
 
 
@@ -431,10 +419,10 @@ def test_device_batches_extra_and_transform(device):
 def test_device_batches_replay_with_rng_state(device):
     x = torch.arange(50, device=device).float()
     batches = DeviceBatches(x, 7, transform=lambda b: binarize(b / 50, "dynamic") + b)
-    state = rng_state(device)  # the permutation and the binarization draw on x's device
+    state = checkpoint.rng_state()  # the permutation and the binarization draw on x's device
     first = [b.clone() for b in batches]
     second = [b.clone() for b in batches]
-    set_rng_state(state, device)
+    checkpoint.set_rng_state(state)
     replay = list(batches)
     assert all(torch.equal(a, b) for a, b in zip(first, replay))
     assert not all(torch.equal(a, b) for a, b in zip(first, second))
