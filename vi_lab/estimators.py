@@ -45,6 +45,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from torch import nn
 
+from vi_lab.contract import check_pair
 from vi_lab.nets import MLP
 
 #: Pyro's name for the decaying-average state of a baseline at site ``<name>``
@@ -654,7 +655,8 @@ class GradientStats:
 def param_groups(model: Callable, guide: Callable, x: torch.Tensor, *args, **kwargs) -> dict[str, list[str]]:
     """Param-store names of the guide's parameters (``encoder``) and the model's (``decoder``).
 
-    Found by running each once and recording its ``pyro.param``/``pyro.module`` calls.
+    Found by running each once and recording its ``pyro.param``/``pyro.module`` calls. A side
+    with no learnable parameters (a fixed model whose guide alone is learned) has no group.
 
     :param x: a batch of data (the pair's first argument).
     """
@@ -662,7 +664,9 @@ def param_groups(model: Callable, guide: Callable, x: torch.Tensor, *args, **kwa
     with torch.no_grad(), poutine.block():
         for label, fn in (("encoder", guide), ("decoder", model)):
             tr = poutine.trace(fn, param_only=True).get_trace(x, *args, **kwargs)
-            groups[label] = [name for name, site in tr.nodes.items() if site["type"] == "param"]
+            names = [name for name, site in tr.nodes.items() if site["type"] == "param"]
+            if names:
+                groups[label] = names
     return groups
 
 
@@ -756,7 +760,6 @@ def gradient_stats(
 def _draw(model, guide, x, args, kwargs, estimator, num_draws, seed, groups, warmup, warmup_data, baseline_lr,
           keep_samples):
     """The loop of :func:`gradient_stats`: running sums of the draws per group."""
-    from vi_lab import evaluate
     from vi_lab.infer import training_objective
 
     store = pyro.get_param_store()
@@ -766,8 +769,14 @@ def _draw(model, guide, x, args, kwargs, estimator, num_draws, seed, groups, war
     m_fn, g_fn = training_objective(model, scales), training_objective(prepared.guide, scales)
     elbo = prepared.loss
     # a guessed plate nesting would cost a guide run inside draw 0 and break the pairing
-    elbo.max_plate_nesting = evaluate.max_plate_nesting(model, guide, x, *args, **kwargs)
+    elbo.max_plate_nesting = check_pair(model, guide, x, *args, **kwargs).nesting
     names = {k: list(v) for k, v in (groups or param_groups(model, guide, x, *args, **kwargs)).items()}
+    empty = [g for g, ns in names.items() if not ns]
+    if empty or not names:
+        what = f"group {empty[0]!r} names no parameters" if empty else "neither the model nor the guide has a " \
+            "learnable parameter (pyro.param or pyro.module)"
+        raise ValueError(f"gradient_stats: {what}; there is no gradient to estimate. Pass groups= with at least "
+                         f"one param-store name per group, e.g. {{'encoder': [...]}}.")
     if warmup:
         pyro.set_rng_seed(seed + num_draws + 1)
         opt = None

@@ -28,9 +28,11 @@ from typing import Callable, NamedTuple
 import pyro
 import pyro.poutine as poutine
 import torch
+from tqdm.auto import tqdm
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import prune_subsample_sites
 
+from vi_lab.contract import check_data, check_pair, check_support
 from vi_lab.device import check_modules_on
 
 #: elements of a (K, B, x_dim) tensor allowed per chunk: bounds memory for K = 5000
@@ -52,22 +54,13 @@ class LogWeightTerms(NamedTuple):
 def max_plate_nesting(model: Callable, guide: Callable, x: torch.Tensor, *args, **kwargs) -> int:
     """How many plate dimensions the pair uses (so particles can go left of them).
 
+    Checks the pair's contract on the way (:func:`vi_lab.contract.check_pair`).
+
     :param model: Pyro model.
     :param guide: Pyro guide with the model's arguments.
     :param x: a batch of data.
     """
-    with torch.no_grad(), poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(x, *args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, *args, **kwargs)
-    dims = [
-        frame.dim
-        for trace in (guide_trace, model_trace)
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized
-    ]
-    return -min(dims) if dims else 0
+    return check_pair(model, guide, x, *args, **kwargs).nesting
 
 
 def site_log_prob(site: dict, num_dims: int) -> torch.Tensor:
@@ -127,14 +120,9 @@ def log_weight_terms(
         if site["type"] != "sample":
             continue
         if not site["is_observed"] and name not in guide_trace.nodes:
-            if site["infer"].get("enumerate"):
-                raise ValueError(
-                    f"site {name!r} is marked for enumeration and the guide does not sample it; these "
-                    "evaluators draw latents from the guide, so they would only give a prior-proposal "
-                    "estimate here. Sum it out exactly instead (e.g. TraceEnum_ELBO's loss, or "
-                    "vi_lab.models.loglinear's log_marginal), or sample it in the guide.")
             # drawn from the prior inside the model: the prior is its proposal, and
-            # log p(z) - log q(z) cancels, so neither term enters the weight
+            # log p(z) - log q(z) cancels, so neither term enters the weight (check_pair has
+            # refused latents marked for enumeration, which are not drawn)
             continue
         lp = site_log_prob(site, nesting + 1)
         if site["is_observed"]:
@@ -157,39 +145,47 @@ def _slice_args(args: tuple, kwargs: dict, n: int, idx: slice) -> tuple[tuple, d
 
 
 def _check_inputs(x: torch.Tensor, num_samples: int) -> None:
-    if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] == 0:
-        raise ValueError(f"x must be a non-empty tensor with the batch first, got {type(x).__name__}")
+    check_data(x)
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
 
 
 @torch.no_grad()
-def _chunked(model, guide, x, args, kwargs, num_samples, batch_size, reduce) -> torch.Tensor:
-    """Apply ``reduce(list_of_terms) -> (..., B)`` over batch and particle chunks; join on the batch dim."""
+def _chunked(model, guide, x, args, kwargs, num_samples, batch_size, reduce, progress=False) -> torch.Tensor:
+    """Apply ``reduce(list_of_terms) -> (..., B)`` over batch and particle chunks; join on the batch dim.
+
+    ``progress`` shows a bar counting the weights drawn (datapoints x K).
+    """
     _check_inputs(x, num_samples)
     check_modules_on(x, model, guide)
     n = x.shape[0]
     nesting = None
     out = []
+    bar = tqdm(total=n * num_samples, disable=not progress, unit="w", unit_scale=True, leave=False,
+               desc=progress if isinstance(progress, str) else "weights")
     for start in range(0, n, batch_size):
         idx = slice(start, min(start + batch_size, n))
         xb = x[idx]
         a, kw = _slice_args(args, kwargs, n, idx)
         if nesting is None:  # traced on a real chunk: local guides accept only their own batch
-            nesting = max_plate_nesting(model, guide, xb, *a, **kw)
+            pair = check_pair(model, guide, xb, *a, **kw)  # the contract, once per call
+            check_support(pair, x)  # every row, not only the traced chunk's
+            nesting = pair.nesting
         per_row = max(1, xb[0].numel())
         k_chunk = max(1, min(num_samples, CHUNK_ELEMENTS // (xb.shape[0] * per_row)))
         pieces = []
         for k0 in range(0, num_samples, k_chunk):
             k = min(k_chunk, num_samples - k0)
             pieces.append(log_weight_terms(model, guide, xb, *a, num_samples=k, nesting=nesting, **kw))
+            bar.update(k * xb.shape[0])
         out.append(reduce(pieces))
+    bar.close()
     return torch.cat(out, dim=-1)
 
 
 def log_weights(
     model: Callable, guide: Callable, x: torch.Tensor, *args, num_samples: int = 1000,
-    batch_size: int = 1000, **kwargs,
+    batch_size: int = 1000, progress: bool | str = False, **kwargs,
 ) -> torch.Tensor:
     """All log importance weights ``log p(x, z_k) - log q(z_k | x)``, shape ``(K, B)``.
 
@@ -199,12 +195,12 @@ def log_weights(
     :param batch_size: datapoints per chunk.
     """
     return _chunked(model, guide, x, args, kwargs, num_samples, batch_size,
-                    lambda ps: torch.cat([p.log_weight for p in ps]))  # (K, B)
+                    progress=progress, reduce=lambda ps: torch.cat([p.log_weight for p in ps]))  # (K, B)
 
 
 def elbo(
     model: Callable, guide: Callable, x: torch.Tensor, *args, num_samples: int = 1,
-    batch_size: int = 1000, **kwargs,
+    batch_size: int = 1000, progress: bool | str = False, **kwargs,
 ) -> torch.Tensor:
     """Per-datapoint ELBO ``E_q[log p(x, z) - log q(z | x)]``, Monte Carlo over ``num_samples`` draws.
 
@@ -221,12 +217,12 @@ def elbo(
         vi_lab.evaluate.elbo(model, guide, x_test, num_samples=10).mean()
     """
     return _chunked(model, guide, x, args, kwargs, num_samples, batch_size,
-                    lambda ps: torch.cat([p.log_weight for p in ps]).mean(0))
+                    progress=progress, reduce=lambda ps: torch.cat([p.log_weight for p in ps]).mean(0))
 
 
 def log_likelihood(
     model: Callable, guide: Callable, x: torch.Tensor, *args, num_samples: int = 1000,
-    batch_size: int = 1000, **kwargs,
+    batch_size: int = 1000, progress: bool | str = False, **kwargs,
 ) -> torch.Tensor:
     """Importance-sampled ``log p(x) ~= log (1/K) sum_k p(x, z_k) / q(z_k | x)``, z_k ~ q.
 
@@ -236,6 +232,7 @@ def log_likelihood(
 
     :param num_samples: K.
     :param batch_size: datapoints per chunk.
+    :param progress: show a progress bar of the weights drawn (a string names it).
     :returns: tensor ``(N,)`` in nats.
 
     Example::
@@ -247,12 +244,12 @@ def log_likelihood(
         lse = torch.stack([p.log_weight.logsumexp(0) for p in pieces])  # (chunks, B)
         return lse.logsumexp(0) - math.log(num_samples)
 
-    return _chunked(model, guide, x, args, kwargs, num_samples, batch_size, reduce)
+    return _chunked(model, guide, x, args, kwargs, num_samples, batch_size, reduce, progress)
 
 
 def elbo_terms(
     model: Callable, guide: Callable, x: torch.Tensor, *args, num_samples: int = 1,
-    batch_size: int = 1000, **kwargs,
+    batch_size: int = 1000, progress: bool | str = False, **kwargs,
 ) -> dict[str, torch.Tensor]:
     """The ELBO split as reconstruction minus KL, per datapoint (Monte Carlo).
 
@@ -265,5 +262,5 @@ def elbo_terms(
         kl = torch.cat([p.log_q - p.log_prior for p in pieces]).mean(0)
         return torch.stack([rec, kl])  # (2, B): same draws for both terms
 
-    rec, kl = _chunked(model, guide, x, args, kwargs, num_samples, batch_size, reduce)
+    rec, kl = _chunked(model, guide, x, args, kwargs, num_samples, batch_size, reduce, progress)
     return {"elbo": rec - kl, "reconstruction": rec, "kl": kl}

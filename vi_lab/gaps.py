@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from vi_lab import evaluate
+from vi_lab.contract import check_pair
 from vi_lab.guides import GUIDES
 from vi_lab.guides.local import LOCAL_GUIDES, LocalFit, LocalGuide, make_local_guide, optimize_local
 from vi_lab.runs import format_table, write_json
@@ -469,8 +470,7 @@ def inference_gaps(
     """
     if proposal not in ("auto", *PROPOSALS):
         raise ValueError(f"unknown proposal {proposal!r}; valid: auto, {', '.join(PROPOSALS)}")
-    if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 1:
-        raise ValueError("x must be a non-empty tensor of datapoints with the batch first")
+    check_pair(model, guide, x, *args, **kwargs)  # the contract (and the data), before any optimization
     family = _check_family(family or guide_family(guide), "family")
     if rich_family is not None:
         _check_family(rich_family, "rich_family")

@@ -18,6 +18,7 @@ import torch
 from pyro.infer import SVI, ELBO, Trace_ELBO
 from torch import nn
 
+from vi_lab.contract import check_pair
 from vi_lab.device import check_modules_on
 from vi_lab.guides.full_cov import LocalFullCov
 from vi_lab.guides.local_base import MIN_SCALE, LocalGuide, inv_softplus, moments
@@ -163,6 +164,7 @@ def optimize_local(
     from vi_lab.infer import training_objective  # deferred: infer imports the guides package
 
     check_modules_on(x, model, guide)
+    check_pair(model, guide, x, *args, **kwargs)  # before Pyro's own checks, which name no fix
     elbo = loss or Trace_ELBO(num_particles=num_particles, vectorize_particles=True)
     optim = pyro.optim.Adam({"lr": lr})
     store = pyro.get_param_store()
