@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -13,12 +14,13 @@ import pyro
 import pyro.optim
 import pyro.poutine as poutine
 import torch
-from pyro.infer import SVI, ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer import SVI, ELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
 from vi_lab import checkpoint as ckpt
 from vi_lab import evaluate
+from vi_lab.contract import check_data, check_pair, check_support
 from vi_lab.data import DeviceBatches, binarize as binarize_fn
 from vi_lab.device import resolve_device
 from vi_lab.estimators import Estimator, prepare as prepare_estimator
@@ -35,16 +37,32 @@ METRICS_NAME = "metrics.jsonl"
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; carries where, and which checkpoint is still good."""
+    """The loss or the parameters became NaN or infinite; carries where, and which checkpoint is still good."""
 
-    def __init__(self, loss: float, epoch: int, step: int, steps: int, checkpoint: Path | None) -> None:
+    def __init__(self, what: str, epoch: int, step: int, steps: int, checkpoint: Path | None,
+                 loss: float = float("nan")) -> None:
         where = f"epoch {epoch}, step {step} of {steps}"
         if checkpoint is not None and checkpoint.exists():
-            kept = f"the last good checkpoint is intact at {checkpoint}; resume from it with a lower lr"
+            # fit() writes a checkpoint only after checking its parameters are finite
+            kept = (f"the checkpoint of the last finished epoch is intact at {checkpoint}; resume from it with a "
+                    f"lower lr")
+        elif checkpoint is not None:
+            kept = "no epoch had finished, so no checkpoint was written; start again with a lower lr"
         else:
-            kept = "no checkpoint was written (pass checkpoint_dir= to keep one)"
-        super().__init__(f"loss became {loss} at {where}; training stopped, {kept}")
+            kept = "no checkpoint was written (pass checkpoint_dir= to keep one); start again with a lower lr"
+        super().__init__(f"training diverged at {where}: {what}; training stopped, {kept}")
         self.loss, self.epoch, self.step, self.checkpoint = loss, epoch, step, checkpoint
+
+
+class TrainingUnstable(UserWarning):
+    """The training ELBO fell by orders of magnitude below where it started: the numbers are not trustworthy."""
+
+
+#: an epoch whose loss exceeds the first steps' by this many times their size is warned about
+EXPLOSION_FACTOR = 100.0
+
+#: fit() settings a resumed run must share with its checkpoint (lr and epochs may change)
+FIXED_ON_RESUME = ("loss", "estimator", "baseline", "num_particles", "batch_size", "binarize", "data")
 
 
 @dataclass
@@ -134,11 +152,62 @@ def _modules(*objs: Any) -> list[torch.nn.Module]:
     return [o for o in objs if isinstance(o, torch.nn.Module)]
 
 
-def _state(model, guide, optim, epoch: int, history: list) -> dict[str, Any]:
+def _settings(loss, estimator: str, baseline, num_particles: int, batch_size: int, binarize: str,
+              x: torch.Tensor) -> dict[str, Any]:
+    """What a checkpoint was trained with and a resumed run must keep (:data:`FIXED_ON_RESUME`)."""
+    return {
+        "loss": loss if isinstance(loss, str) else type(loss).__name__,
+        "estimator": estimator, "baseline": baseline, "num_particles": num_particles, "batch_size": batch_size,
+        "binarize": binarize,
+        # the shape and a sum tell one dataset from another; the sum is compared with a tolerance
+        # (summation order differs between devices)
+        "data": {"shape": list(x.shape), "sum": float(x.double().sum())},
+    }
+
+
+def _same(key: str, then: Any, now: Any) -> bool:
+    if key == "data":
+        return then["shape"] == now["shape"] and math.isclose(then["sum"], now["sum"], rel_tol=1e-6, abs_tol=1e-6)
+    return then == now
+
+
+def _check_settings(saved: dict[str, Any] | None, now: dict[str, Any], path: Path) -> None:
+    if saved is None:
+        return  # a checkpoint from before settings were recorded
+    changed = [k for k in FIXED_ON_RESUME if k in saved and not _same(k, saved[k], now[k])]
+    if not changed:
+        return
+    what = "; ".join(
+        f"the training data was {saved[k]['shape']} (sum {saved[k]['sum']:.6g}), now {now[k]['shape']} (sum "
+        f"{now[k]['sum']:.6g})" if k == "data" else f"{k}={saved[k]!r} then, {k}={now[k]!r} now" for k in changed)
+    raise ValueError(
+        f"cannot resume {path}: {', '.join(changed)} cannot change on resume ({what}). Resume with what the "
+        f"checkpoint was trained with, or start a new run in another directory (lr and epochs may change on "
+        f"resume).")
+
+
+def _apply_current_hyperparameters(optim: pyro.optim.PyroOptim, saved: dict[str, Any]) -> None:
+    """Put the optimizer arguments given now (lr, ...) into restored optimizer states.
+
+    Pyro's ``set_state`` restores each parameter's torch state dict, hyperparameters included,
+    so without this a resumed run would keep the lr it was started with whatever it is told.
+    Learning-rate schedulers keep their own state (their schedule decides the lr).
+    """
+    store = pyro.get_param_store()
+    for name, state in saved.items():
+        if "param_groups" not in state or name not in store._params:
+            continue
+        args = optim._get_optim_args(store._params[name])
+        for group in state["param_groups"]:
+            group.update({k: v for k, v in args.items() if k in group})
+
+
+def _state(model, guide, optim, epoch: int, history: list, settings: dict[str, Any]) -> dict[str, Any]:
     store = pyro.get_param_store()
     return {
         "epoch": epoch,
         "history": history,
+        "settings": settings,
         # module state dicts let a user load the weights without Pyro; the param store
         # (all of it: modules, pyro.param sites, baseline nets) is what resume restores
         "model": model.state_dict() if isinstance(model, torch.nn.Module) else None,
@@ -173,6 +242,7 @@ def _restore(state: dict[str, Any], model, guide, optim, svi: SVI, first_args: t
             store._params[name] = value.to(first_args[0].device).requires_grad_()
             store._constraints[name] = saved["constraints"][name]
             store._param_to_name[store._params[name]] = name
+    _apply_current_hyperparameters(optim, state["optim"])
     optim.set_state(state["optim"])
     ckpt.set_rng_state(state["rng"])  # last: the registering evaluation drew random numbers
 
@@ -192,7 +262,7 @@ def fit(
     seed: int = 0,
     checkpoint_dir: str | Path | None = None,
     resume: bool | str | Path = False,
-    progress: bool = True,
+    progress: bool | str = True,
     binarize: str = "none",
     eval_data: Any = None,
     eval_samples: int = 1,
@@ -231,7 +301,14 @@ def fit(
     :param seed: seeds Pyro/torch/NumPy/random at the start of a fresh run.
     :param checkpoint_dir: where ``last.pt`` and ``metrics.jsonl`` go.
     :param resume: ``True`` to continue from ``checkpoint_dir/last.pt``, or a checkpoint path.
-    :param progress: show a tqdm bar with the running ELBO.
+        The run continues with the ``lr`` (and optimizer arguments) given now; the loss,
+        estimator, baseline, particles, batch size, binarization and data must be the
+        checkpoint's (:data:`FIXED_ON_RESUME`, a ValueError names what differs).
+        ``metrics.jsonl`` is cut back to the checkpoint's epochs. Without ``resume``, a
+        ``checkpoint_dir`` (or ``metrics_path``) that already holds a run is refused
+        (``FileExistsError``), so an earlier run is never overwritten.
+    :param progress: ``True``: a tqdm bar with the running ELBO and one line per epoch;
+        ``"epochs"``: the lines only; ``False``: nothing.
     :param binarize: a mode of :func:`vi_lab.data.binarize` applied per batch
         (``"dynamic"`` draws fresh binary images every epoch).
     :param eval_data: held-out data; its ELBO (true ELBO, ``eval_samples`` draws) is
@@ -240,8 +317,13 @@ def fit(
     :param optimizer: a Pyro optimizer instead of ``Adam(lr)``.
     :param metrics_path: JSON-lines file (default ``checkpoint_dir/metrics.jsonl``).
     :returns: :class:`FitResult`.
-    :raises TrainingDiverged: when the loss is NaN or infinite; the last checkpoint
-        written before stays intact.
+    :raises TrainingDiverged: when the loss or the parameters become NaN or infinite (or a
+        distribution rejects parameters that overflowed); the last checkpoint stays intact.
+    :raises vi_lab.contract.ContractError: when the pair breaks the per-datapoint contract
+        (checked once on the first batch, see :func:`vi_lab.contract.check_pair`).
+    :raises vi_lab.checkpoint.CheckpointError: when a checkpoint cannot be written (disk
+        full, read-only) or a resumed one is damaged.
+    :warns TrainingUnstable: when an epoch's loss is orders of magnitude above the first steps'.
 
     Example::
 
@@ -256,7 +338,10 @@ def fit(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if optimizer is None and not (lr >= 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    if progress not in (True, False, "epochs"):
+        raise ValueError(f"progress must be True, False or 'epochs', got {progress!r}")
     x, extra = data_tensors(data)
+    check_data(x, "data")
     dev = resolve_device(device, x)
     x = x.to(dev)
     extra = extra.to(dev) if extra is not None else None
@@ -267,6 +352,7 @@ def fit(
         binarize_fn(x[:1], binarize)  # validate the mode before training starts
     eval_x, eval_extra = data_tensors(eval_data) if eval_data is not None else (None, None)
     if eval_x is not None:
+        check_data(eval_x, "eval_data")
         eval_x = _eval_binarized(eval_x.to(dev), binarize)  # once: the held-out set is fixed
         eval_extra = eval_extra.to(dev) if eval_extra is not None else None
     # one lookup in vi_lab.estimators.ESTIMATORS: the Pyro objective and the guide it runs
@@ -281,6 +367,26 @@ def fit(
     if metrics_path is None and ckpt_dir is not None:
         metrics_path = ckpt_dir / METRICS_NAME
     metrics_path = Path(metrics_path) if metrics_path is not None else None
+    if not resume:
+        _refuse_existing_run(ckpt_path, metrics_path)
+
+    bad = [f"{type(m).__name__}.{n}" for m in _modules(model, guide) for n, p in m.named_parameters()
+           if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ValueError(f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or infinite values before "
+                         f"training: the model or guide comes broken (e.g. from a diverged run); build them afresh "
+                         f"or load finite weights")
+    # the contract, once, on a batch as the steps see it (the draws it makes come before the
+    # seed of a fresh run and before the RNG state a resumed run restores)
+    x0 = transform(x[:batch_size]) if transform is not None else x[:batch_size]
+    first = (x0, extra[:batch_size]) if extra is not None else (x0,)
+    pair = check_pair(model, guide, *first, enumerated_ok=isinstance(est.loss, TraceEnum_ELBO))
+    if transform is None:
+        check_support(pair, x, "data")
+    if eval_x is not None:
+        check_support(pair, eval_x, "eval_data")
+    settings = _settings(loss, estimator if isinstance(estimator, str) else est.estimator.label, baseline,
+                         num_particles, batch_size, binarize, x)
 
     optim = optimizer if optimizer is not None else pyro.optim.Adam({"lr": lr})
     svi = SVI(
@@ -299,41 +405,52 @@ def fit(
         # on the CPU: load_state_dict and copy_ below put each tensor where its parameter is,
         # and torch's optimizer keeps its step counters on the CPU, as in a fresh run
         state = ckpt.load(path, map_location="cpu")
-        x0 = transform(x[:batch_size]) if transform is not None else x[:batch_size]  # what steps see
-        first = (x0, extra[:batch_size]) if extra is not None else (x0,)
+        _check_settings(state.get("settings"), settings, path)
         _restore(state, model, guide, optim, svi, first, path)
         start_epoch, history = state["epoch"], list(state["history"])
+        if metrics_path is not None:
+            # a crash between the checkpoint and the metrics line, or after a line of an epoch
+            # the checkpoint does not hold: the log restarts from what the checkpoint holds
+            _write_metrics(metrics_path, history)
     else:
         pyro.set_rng_seed(seed)
         pyro.clear_param_store()
-        if metrics_path is not None and metrics_path.exists():
-            metrics_path.unlink()  # a fresh run starts a fresh log
+    if ckpt_path is not None:
+        ckpt.remove_temporaries(ckpt_path)  # left by a process killed mid-write
 
     for m in _modules(model, guide):
         m.zero_grad(set_to_none=True)  # SVI adds to .grad: stale gradients would bend the first step
+    reference = None  # the loss of the run's first steps, to recognise an explosion
     for epoch in range(start_epoch + 1, epochs + 1):
         for m in _modules(model, guide):
             m.train()
         t0, c0 = time.perf_counter(), time.process_time()
         total, seen = 0.0, 0
-        bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
+        bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", disable=progress is not True, leave=False)
         for step, batch in enumerate(bar, start=1):
             args = batch if isinstance(batch, tuple) else (batch,)
             try:
                 step_loss = svi.step(*args)
             except ValueError as err:
-                # with validation on, non-finite parameters surface as invalid distribution arguments
-                if _all_params_finite(model, guide):
+                reason = _divergence(err, model, guide, trained=epoch > 1 or step > 1)
+                if reason is None:
                     raise
-                raise TrainingDiverged(float("nan"), epoch, step, len(batches), ckpt_path) from err
+                raise TrainingDiverged(reason, epoch, step, len(batches), ckpt_path) from err
             if not math.isfinite(step_loss):
-                raise TrainingDiverged(step_loss, epoch, step, len(batches), ckpt_path)
+                raise TrainingDiverged(f"the loss became {step_loss}", epoch, step, len(batches), ckpt_path,
+                                       loss=step_loss)
             n = args[0].shape[0]
             total, seen = total - step_loss * n, seen + n
+            if reference is None:  # the loss before this run's first update
+                reference = step_loss
             bar.set_postfix(elbo=f"{total / seen:.2f}")
+        if not _all_params_finite(model, guide):
+            raise TrainingDiverged("a parameter became NaN or infinite", epoch, len(batches), len(batches),
+                                   ckpt_path)
         # CPU seconds beside wall seconds: on a shared machine wall time alone misleads
         record: dict[str, Any] = {"epoch": epoch, "train_elbo": total / seen,
                                   "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
+        _warn_if_exploding(record, reference, history, optimizer is None and lr)
         if eval_x is not None:
             for m in _modules(model, guide):
                 m.eval()
@@ -341,19 +458,74 @@ def fit(
             record["test_elbo"] = evaluate.elbo(model, guide, eval_x, *eval_args,
                                                 num_samples=eval_samples).mean().item()
         history.append(record)
-        if metrics_path is not None:
-            metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        # checkpoint first, then the metrics line: a crash between them leaves a line short,
+        # never a line the checkpoint does not hold (resume rewrites the log from the checkpoint)
         if ckpt_path is not None:
-            ckpt.save_atomic(_state(model, guide, optim, epoch, history), ckpt_path)
+            ckpt.save_atomic(_state(model, guide, optim, epoch, history, settings), ckpt_path)
+        if metrics_path is not None:
+            _append_metrics(metrics_path, record)
         if progress:
             tail = f", test ELBO {record['test_elbo']:.2f}" if "test_elbo" in record else ""
             tqdm.write(f"epoch {epoch}: train ELBO {record['train_elbo']:.2f} nats/datapoint{tail} "
                        f"({record['seconds']:.1f} s)")
     for m in _modules(model, guide):
         m.eval()
-    return FitResult(history=history, device=str(dev), checkpoint=ckpt_path, metrics_path=metrics_path)
+    written = ckpt_path if ckpt_path is not None and ckpt_path.is_file() else None  # none after 0 epochs
+    return FitResult(history=history, device=str(dev), checkpoint=written, metrics_path=metrics_path)
+
+
+def _refuse_existing_run(ckpt_path: Path | None, metrics_path: Path | None) -> None:
+    held = [p for p in (ckpt_path, metrics_path) if p is not None and p.is_file() and p.stat().st_size > 0]
+    if held:
+        where = ckpt_path.parent if ckpt_path is not None else metrics_path.parent
+        raise FileExistsError(
+            f"{where} already holds a run ({', '.join(p.name for p in held)}); nothing was changed. Pass "
+            f"resume=True to continue it (--resume), remove those files to replace it (--overwrite), or choose "
+            f"another directory.")
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(r) + "\n" for r in history)
+    ckpt.write_text_atomic(path, text, what="metrics log")
+
+
+def _append_metrics(path: Path, record: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:
+        raise ckpt.CheckpointWriteError(f"could not append to {path}: {ckpt.describe_os_error(err)}") from err
+
+
+def _divergence(err: ValueError, model, guide, trained: bool) -> str | None:
+    """Why a ValueError from a step is divergence, or None when it is not (a bug to re-raise)."""
+    if not _all_params_finite(model, guide):
+        return "a parameter became NaN or infinite"
+    text = str(err)
+    # with validation on, parameters that overflowed surface as a distribution's invalid
+    # arguments; before any step was taken such an error is the pair's own bug, not divergence
+    if trained and "invalid values" in text and any(w in text for w in ("nan", "inf")):
+        return ("a distribution got NaN or infinite arguments (the networks' outputs overflowed): "
+                + text.splitlines()[0][:200].rstrip(":"))
+    return None
+
+
+def _warn_if_exploding(record: dict[str, Any], reference: float | None, history: list, lr: float | None) -> None:
+    """Warn when an epoch's loss is orders of magnitude above the run's first step or best epoch (lr too large)."""
+    candidates = [reference] if reference is not None else []
+    candidates += [-h["train_elbo"] for h in history if math.isfinite(h["train_elbo"])]
+    if not candidates:
+        return
+    reference = min(candidates)
+    loss = -record["train_elbo"]
+    if loss - reference > EXPLOSION_FACTOR * max(abs(reference), 1.0):
+        hint = f" (lr {lr:g} is probably too large)" if lr else ""
+        warnings.warn(
+            f"epoch {record['epoch']}: train ELBO {record['train_elbo']:.4g} nats/datapoint is far below the "
+            f"{-reference:.4g} it reached before: the optimization is unstable{hint}, and its numbers are not "
+            f"trustworthy", TrainingUnstable, stacklevel=3)
+        record["unstable"] = True
 
 
 def _all_params_finite(*objs: Any) -> bool:
