@@ -107,7 +107,7 @@ def frechet_distance(features: Callable[[torch.Tensor], torch.Tensor], a: torch.
 
 def main(cfg: Config) -> dict:
     device = runs.setup(cfg.threads, cfg.device)
-    out = runs.out_dir(cfg.out)
+    out = runs.out_dir(cfg.out, overwrite=cfg.overwrite)
     data = runs.load_data(cfg.dataset, data_dir=cfg.data_dir, device=device, train_size=cfg.train_size,
                           eval_size=cfg.eval_size, binarization="dynamic", seed=cfg.seed)
     x_train, x_test = data.x_train, data.x_test
@@ -216,4 +216,5 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with runs.user_errors():
+        main(parse_args())

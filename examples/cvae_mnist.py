@@ -75,7 +75,7 @@ class GivenLabels:
 
 def main(cfg: Config) -> dict:
     device = runs.setup(cfg.threads, cfg.device)
-    out = runs.out_dir(cfg.out)
+    out = runs.out_dir(cfg.out, overwrite=cfg.overwrite)
     data = runs.load_data(cfg.dataset, data_dir=cfg.data_dir, device=device, train_size=cfg.train_size,
                           eval_size=cfg.eval_size, binarization="dynamic", seed=cfg.seed)
     pyro.set_rng_seed(cfg.seed)  # initial weights too (torch seeds each process at random)
@@ -145,4 +145,5 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with runs.user_errors():
+        main(parse_args())

@@ -145,9 +145,13 @@ def build(cfg: Config, guide_name: str) -> tuple[vi_lab.VAE, torch.nn.Module]:
 def train_or_load(cfg: Config, name: str, data: runs.RunData, device: torch.device,
                   run_dir: Path) -> tuple[vi_lab.VAE, torch.nn.Module, dict]:
     """The trained pair for one family: a checkpoint with ``cfg.epochs`` epochs is loaded as
-    it is; a shorter one is continued by fit(resume=True); without one, training starts fresh."""
+    it is; a shorter one is continued by fit(resume=True); without one (or with --overwrite), training
+    starts fresh."""
     model, guide = build(cfg, name)
     path = run_dir / vi_lab.infer.CHECKPOINT_NAME
+    if cfg.overwrite:  # train afresh: the family's earlier checkpoint and log go
+        for stale in runs.RUN_FILES:
+            (run_dir / stale).unlink(missing_ok=True)
     state = load_checkpoint(path, map_location=device) if path.is_file() else None
     if state is not None and state["epoch"] >= cfg.epochs:
         for label, module in (("model", model), ("guide", guide)):
@@ -162,7 +166,8 @@ def train_or_load(cfg: Config, name: str, data: runs.RunData, device: torch.devi
     else:
         result = vi_lab.fit(
             model, guide, data.x_train, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, device=device,
-            seed=cfg.seed, checkpoint_dir=run_dir, resume=state is not None, progress=cfg.progress,
+            seed=cfg.seed, checkpoint_dir=run_dir, resume=state is not None,
+            progress=runs.fit_progress(cfg.progress),
             binarize=data.fit_binarize, eval_data=data.x_test, eval_samples=1,
         )
         history, source = result.history, "continued" if state is not None else "trained"
@@ -182,7 +187,7 @@ def main(cfg: Config) -> dict:
     if problems:
         raise ValueError("; ".join(problems))
     device = runs.setup(cfg.threads, cfg.device)
-    out = runs.out_dir(cfg.out)
+    out = runs.out_dir(cfg.out, reuse=True)  # its checkpoints are reused by design (train_or_load)
     ckpt_root = Path(cfg.checkpoints) if cfg.checkpoints else out
     data = runs.load_data(cfg.dataset, data_dir=cfg.data_dir, device=device, train_size=cfg.train_size,
                           eval_size=cfg.eval_size, binarization="dynamic", seed=cfg.seed)
@@ -253,4 +258,5 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with runs.user_errors():
+        main(parse_args())

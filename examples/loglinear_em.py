@@ -206,7 +206,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(cfg: Config) -> dict:
     device = runs.setup(cfg.threads, cfg.device)
-    out = runs.out_dir(cfg.out)
+    out = runs.out_dir(cfg.out, overwrite=cfg.overwrite)
     # one static binarization for everything: mixtures and VAE fit the same binary images
     data = runs.load_data(cfg.dataset, data_dir=cfg.data_dir, device=device, train_size=cfg.train_size,
                           eval_size=cfg.eval_size, binarization="static", seed=cfg.seed)
@@ -252,4 +252,5 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with runs.user_errors():
+        main(parse_args())

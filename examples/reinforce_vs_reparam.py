@@ -280,7 +280,7 @@ def save_variance(results: dict, path: Path) -> Path:
 
 def main(cfg: Config) -> dict:
     device = runs.setup(cfg.threads, cfg.device)
-    out = runs.out_dir(cfg.out)
+    out = runs.out_dir(cfg.out, overwrite=cfg.overwrite)
     data = runs.load_data(cfg.dataset, data_dir=cfg.data_dir, device=device, train_size=cfg.train_size,
                           eval_size=cfg.eval_size, binarization="dynamic", seed=cfg.seed)
     # one fixed binary batch for every gradient estimate
@@ -322,4 +322,5 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with runs.user_errors():
+        main(parse_args())

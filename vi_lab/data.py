@@ -290,6 +290,8 @@ class Dataset:
     :param images: float32 ``(N, 784)`` in ``[0, 1]``.
     :param labels: int64 ``(N,)``.
     :param source: where the data came from, for logs and reports.
+    :param fallback: True when it is the small embedded copy, not the real dataset (numbers
+        made on it are not comparable with published ones).
     """
 
     name: str
@@ -297,6 +299,7 @@ class Dataset:
     images: torch.Tensor
     labels: torch.Tensor
     source: str
+    fallback: bool = False
 
     def __post_init__(self) -> None:
         if self.images.shape[0] != self.labels.shape[0]:
@@ -500,13 +503,13 @@ def load_dataset(
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(map(repr, SPLITS))}")
     expected = " and ".join(f"{stem}[.gz]" for stem in spec.files[split])
 
-    def finish(images: torch.Tensor, labels: torch.Tensor, source: str) -> Dataset:
+    def finish(images: torch.Tensor, labels: torch.Tensor, source: str, fallback: bool = False) -> Dataset:
         # Convert after moving: uint8 is a quarter of the bytes to transfer, and
         # the conversion makes fresh tensors, so the cached ones stay untouched.
         images = images.to(device).reshape(images.shape[0], -1).to(torch.float32).div_(255.0)
         labels = labels.to(device).to(torch.int64)
         logger.info("%s %s: %d examples from %s", name, split, labels.shape[0], source)
-        return Dataset(name, split, images, labels, source)
+        return Dataset(name, split, images, labels, source, fallback)
 
     def from_root(root: Path, origin: str) -> Dataset | None:
         found = _find_split(root, spec, split)
@@ -559,7 +562,7 @@ def load_dataset(
             "and pass data_dir= or set %s, or run once with internet access (download=True).",
             description, labels.shape[0], split, spec.name, expected, ENV_VAR,
         )
-        return finish(images, labels, description)
+        return finish(images, labels, description, fallback=True)
 
     raise FileNotFoundError(
         f"{spec.name} {split} not found (expected {expected}); tried: "

@@ -8,6 +8,8 @@ settings and in minutes with the defaults.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -15,12 +17,15 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
+from vi_lab.checkpoint import CheckpointError
+from vi_lab.contract import ContractError
 from vi_lab.data import DATASETS, binarize, load_dataset
 from vi_lab.device import pick_device
+from vi_lab.infer import TrainingDiverged
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class RunData:
     y_test: torch.Tensor
     binarization: str
     source: str
+    fallback: bool = False  # the small embedded copy, not the real dataset
 
     @property
     def fit_binarize(self) -> str:
@@ -64,12 +70,13 @@ class CommonConfig:
     out: str | None = None
     threads: int | None = None
     progress: bool = True
+    overwrite: bool = False
 
 
 def add_common_args(p: argparse.ArgumentParser, *, epochs: int = 10, eval_size: int = 1000,
                     eval_samples: int = 1000) -> None:
     """Add ``--epochs --dataset --data-dir --device --seed --train-size --eval-size
-    --eval-samples --out --threads --no-progress`` to a parser.
+    --eval-samples --out --overwrite --threads --no-progress`` to a parser.
 
     :param p: the example's parser.
     :param epochs: the example's default epochs.
@@ -85,9 +92,13 @@ def add_common_args(p: argparse.ArgumentParser, *, epochs: int = 10, eval_size: 
     p.add_argument("--eval-size", type=int, default=eval_size, help="evaluate on the first N test images (default %(default)s)")
     p.add_argument("--eval-samples", type=int, default=eval_samples,
                    help="K importance samples for log p(x) (default %(default)s)")
-    p.add_argument("--out", default=None, help="output directory (default runs/<timestamp>)")
+    p.add_argument("--out", default=None, help="output directory (default runs/<timestamp>); one that holds "
+                   "files already is refused unless --overwrite (or --resume where the script has it)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out, replacing the earlier run there (its checkpoint and logs)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="hide progress bars (one line per epoch stays)")
 
 
 def setup(threads: int | None = None, device: str | None = None) -> torch.device:
@@ -97,8 +108,27 @@ def setup(threads: int | None = None, device: str | None = None) -> torch.device
     return pick_device(device)
 
 
-def out_dir(out: str | None, resume: str | None = None) -> Path:
-    """``--out``, else the resumed run's directory, else ``runs/<timestamp>``; created."""
+#: the run's options, written at its start (see :func:`record_config`)
+CONFIG_NAME = "config.json"
+
+#: what a run leaves that a second run must not silently replace (deleted by --overwrite)
+RUN_FILES = ("last.pt", "metrics.jsonl", "metrics.json", CONFIG_NAME)
+
+#: options a resumed run may change; any other that differs from the run's config.json is refused
+RESUMABLE = frozenset({"epochs", "lr", "resume", "out", "overwrite", "progress", "threads", "device", "eval_size",
+                       "eval_samples", "data_dir"})
+
+
+def out_dir(out: str | None, resume: str | None = None, *, overwrite: bool = False, reuse: bool = False) -> Path:
+    """``--out``, else the resumed run's directory, else ``runs/<timestamp>``; created.
+
+    A directory that already holds files is refused (``SystemExit`` with the reason, nothing
+    touched) unless the run resumes it, ``overwrite`` is set (the earlier run's
+    :data:`RUN_FILES` are deleted, other files are replaced when written again), or the
+    script reuses what it finds there by design (``reuse``).
+    """
+    if resume and overwrite:
+        raise SystemExit("error: --resume continues a run and --overwrite replaces it; pass one of them")
     if out:
         path = Path(out)
     elif resume:
@@ -106,8 +136,63 @@ def out_dir(out: str | None, resume: str | None = None) -> Path:
         path = r.parent if r.is_file() else r
     else:
         path = Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"error: --out {path} is a file, not a directory")
+    held = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if held and not (resume or reuse):
+        if not overwrite:
+            shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
+            raise SystemExit(f"error: {path} already holds files ({shown}); nothing was changed. Pass --resume "
+                             f"{path} to continue the run there (where the script has --resume), --overwrite to "
+                             f"replace it, or another --out.")
+        for name in RUN_FILES:
+            (path / name).unlink(missing_ok=True)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def record_config(out: Path, cfg: Any, resume: bool) -> None:
+    """Write the run's config to ``out/config.json`` at its start; on resume, refuse changed options.
+
+    A resumed run continues the one it resumes: options outside :data:`RESUMABLE` (the
+    model, the guide, the data, the objective, ...) must be as they were, and a difference is
+    an error naming the flag, before anything is loaded or trained.
+
+    :param out: the run directory.
+    :param cfg: the script's frozen config dataclass.
+    :param resume: whether this run resumes the one in ``out``.
+    """
+    now = _plain(dataclasses.asdict(cfg))
+    path = out / CONFIG_NAME
+    if resume and path.is_file():
+        then = json.loads(path.read_text())["config"]
+        changed = [k for k in now if k not in RESUMABLE and k in then and then[k] != now[k]]
+        if changed:
+            what = "; ".join(f"--{k.replace('_', '-')} was {then[k]!r}, now {now[k]!r}" for k in changed)
+            raise SystemExit(f"error: cannot resume {out}: {what}. These cannot change on resume (only "
+                             f"{', '.join('--' + k.replace('_', '-') for k in sorted(RESUMABLE - {'out', 'resume', 'overwrite'}))}"
+                             f" can); resume with the earlier values, or start a new run with another --out.")
+        return
+    write_json(path, {"config": now, "command": command_line(),
+                      "date": _dt.datetime.now().isoformat(timespec="seconds")})
+
+
+def fit_progress(progress: bool) -> bool | str:
+    """What ``--no-progress`` means for :func:`vi_lab.fit`: no bars, one line per epoch still."""
+    return True if progress else "epochs"
+
+
+def fallback_banner(data: RunData) -> str | None:
+    """A loud line when the data is the embedded fallback copy (None for the real dataset)."""
+    if not data.fallback:
+        return None
+    return (f"WARNING: trained and evaluated on the embedded fallback data ({data.source}), not the full "
+            f"dataset: the numbers are not comparable with published ones. Put the IDX files in a directory and "
+            f"pass --data-dir or set VI_LAB_DATA.")
 
 
 def default_binarization(likelihood: str) -> str:
@@ -143,7 +228,24 @@ def load_data(dataset: str = "mnist", *, data_dir: str | None = None, device: to
         x_train = binarize(x_train, binarization, seed=seed)
     test_mode = "static" if binarization == "dynamic" else binarization
     x_test = binarize(test.images, test_mode, seed=seed + 1)
-    return RunData(x_train, train.labels, x_test, test.labels, binarization, train.source)
+    return RunData(x_train, train.labels, x_test, test.labels, binarization, train.source,
+                   train.fallback or test.fallback)
+
+
+#: errors a user causes and can fix from the message alone: printed as one line, no traceback
+USER_ERRORS: tuple[type[BaseException], ...] = (TrainingDiverged, ContractError, CheckpointError, FileExistsError,
+                                                FileNotFoundError)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn :data:`USER_ERRORS` into ``error: <message>`` and exit status 1 (set VI_LAB_TRACEBACK=1 to see them raised)."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        if os.environ.get("VI_LAB_TRACEBACK"):
+            raise
+        raise SystemExit(f"error: {err}") from None
 
 
 def format_table(rows: list[tuple[Any, ...]]) -> str:

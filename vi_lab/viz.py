@@ -423,7 +423,10 @@ def save_latent_scatter(guide: Any, x: torch.Tensor, labels: torch.Tensor, path:
         centred = means - means.mean(0)
         _, s, vh = torch.linalg.svd(centred, full_matrices=False)
         points = centred @ vh[:2].T  # (B, 2) scores on the first two principal axes
-        share = (s**2 / (s**2).sum())[:2].tolist()
+        share = (s**2 / (s**2).sum().clamp_min(1e-300))[:2].tolist()
+        if points.shape[1] < 2:  # a single image has one principal axis: the second score is 0
+            points = torch.cat([points, points.new_zeros(len(points), 2 - points.shape[1])], 1)
+            share += [0.0] * (2 - len(share))
         axes = tuple(f"PC {i + 1} of the encoder means ({100 * v:.0f}% of variance)" for i, v in enumerate(share))
     fig, ax = plt.subplots(figsize=(6, 5))
     labels = labels.cpu()
