@@ -9,7 +9,7 @@ import vi_lab
 from vi_lab import evaluate, fit
 from vi_lab.contract import ContractError, check_pair
 from vi_lab.estimators import gradient_stats
-from vi_lab.gaps import inference_gaps
+from vi_lab.gaps import inference_gaps, refine
 from vi_lab.guides import make_guide
 from vi_lab.models import VAE
 
@@ -101,6 +101,8 @@ def test_the_shared_latent_is_refused_by_the_gap_tools(pair, x):
     model, _ = shared(*pair)
     with pytest.raises(ContractError, match="model site 'z' .* shared by all datapoints"):
         inference_gaps(model, pair[1], x[:4], num_samples=5, max_steps=2)
+    with pytest.raises(ContractError, match="model site 'z' .* shared by all datapoints"):
+        refine(model, pair[1], x[:4], steps=2)
 
 
 def test_what_the_broken_pairs_would_have_reported_is_wrong(pair, x):

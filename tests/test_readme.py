@@ -35,3 +35,8 @@ def test_custom_pair_example_trains_and_evaluates(tmp_path, monkeypatch, capsys,
     assert namespace["data"].x_train.device.type == device.type
     for name in ("decoder", "encoder"):
         assert next(namespace[name].parameters()).device.type == device.type, name
+    # the check_pair line the README shows after it gives the verdict it prints
+    shown = re.search(r">>> (vi_lab\.check_pair\(model, guide, x\[:16\]\)).*\n(PairCheck\(.*\))", text)
+    assert shown, "README.md lost its check_pair example"
+    namespace["x"] = namespace["data"].x_test
+    assert repr(eval(shown.group(1), namespace)) == shown.group(2)
