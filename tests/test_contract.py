@@ -143,9 +143,25 @@ def test_prior_drawn_latents_and_auxiliary_guide_sites_are_allowed(pair, x):
 
 def test_one_datapoint_without_its_batch_dimension_is_an_error(pair, x):
     vae, q = pair
-    with pytest.raises(ContractError, match=r"gets data of shape \(784,\).*x.unsqueeze\(0\)"):
+    with pytest.raises(ContractError, match=r"the VAE takes data of shape \(batch, 784\), got x of shape \(784,\); "
+                                            r"it is one datapoint without its batch dimension: pass x.unsqueeze\(0\)"):
         evaluate.log_likelihood(vae, q, x[0], num_samples=5)
     assert evaluate.log_likelihood(vae, q, x[0].unsqueeze(0), num_samples=5).shape == (1,)
+    with pytest.raises(ContractError, match=r"got x of shape \(16, 28, 28\); flatten each datapoint"):
+        evaluate.elbo(vae, q, x.reshape(B, 28, 28))
+    with pytest.raises(ContractError, match=r"its rows hold 100 values"):
+        fit(vae, q, x[:, :100], epochs=1, progress=False)
+
+
+def test_a_hand_written_model_given_one_datapoint_is_told_about_the_broadcast(pair, x):
+    vae, q = pair
+
+    def model(x):
+        return vae(x)  # a plain function: no x_dim to compare with, the traced shapes tell
+
+    with pytest.raises(ContractError, match=r"observed site 'x' gets data of shape \(784,\) but its distribution has "
+                                            r"shape \(784, 784\).*x.unsqueeze\(0\)"):
+        evaluate.log_likelihood(model, lambda x: q(x), x[0], num_samples=5)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -122,6 +122,7 @@ def check_pair(model: Callable, guide: Callable, x: torch.Tensor, *args, enumera
         vi_lab.check_pair(model, guide, x_train[:16])  # raises ContractError or returns PairCheck
     """
     check_data(x)
+    _check_row_shape(model, guide, x)
     guide_trace, model_trace = trace_pair(model, guide, x, *args, **kwargs)
     batch = x.shape[0]
     guide_sites = {n: s for n, s in _samples(guide_trace).items() if not s["is_observed"]}
@@ -186,6 +187,22 @@ def check_pair(model: Callable, guide: Callable, x: torch.Tensor, *args, enumera
         batch_size=batch,
         supports=supports,
     )
+
+
+def _check_row_shape(model: Callable, guide: Callable, x: torch.Tensor) -> None:
+    """A model or guide that declares ``x_dim`` (vi_lab's own) takes flat rows ``(batch, x_dim)``."""
+    for obj in (model, guide):
+        x_dim = getattr(obj, "x_dim", None)
+        if not isinstance(x_dim, int) or tuple(x.shape[1:]) == (x_dim,):
+            continue
+        name = type(obj).__name__
+        if x.dim() == 1 and x.numel() == x_dim:
+            fix = "it is one datapoint without its batch dimension: pass x.unsqueeze(0)"
+        elif x[0].numel() == x_dim:
+            fix = "flatten each datapoint: x.reshape(len(x), -1)"
+        else:
+            fix = f"its rows hold {x[0].numel()} values: is it the data this {name} was built for?"
+        raise ContractError(f"the {name} takes data of shape (batch, {x_dim}), got x of shape {tuple(x.shape)}; {fix}")
 
 
 def check_data(x, what: str = "x") -> None:
