@@ -191,6 +191,7 @@ def main(cfg: Config) -> dict:
         "eval_size": len(x_test),
         "classifier_train_size": n_clf,
         "data_source": data.source,
+        "data_fallback": data.fallback,
         "device": str(device),
         "units": "reconstruction losses in nats per image (binary cross-entropy summed over pixels); "
                  "Frechet distance in classifier-feature units (lower is closer to real digits)",
@@ -212,6 +213,7 @@ def main(cfg: Config) -> dict:
     print(f"AE codes: mean |E[z_i]| {code_stats['AE']['mean_abs_mean']:.2f}, mean sd(z_i) "
           f"{code_stats['AE']['mean_std']:.2f} (N(0, I) has 0 and 1)")
     print(f"\ndata: {data.source}; wrote {out}/ (random_latents.png, reconstructions.png, metrics.json)")
+    runs.print_fallback_banner(data)  # last, where it cannot be missed
     return metrics
 
 

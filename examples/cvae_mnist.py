@@ -121,6 +121,7 @@ def main(cfg: Config) -> dict:
         "seconds_per_epoch": result.seconds_per_epoch,
         "train_size": len(data.x_train),
         "data_source": data.source,
+        "data_fallback": data.fallback,
         "device": result.device,
         "units": "nats per datapoint (higher is better); the ELBO and log-likelihood are of log p(x | y)",
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -141,6 +142,7 @@ def main(cfg: Config) -> dict:
     ]))
     print(f"\ndata: {data.source}; wrote {out}/ (metrics.json, class_grid.png, digits.png, latent_scatter.png, "
           "curves.png, last.pt)")
+    runs.print_fallback_banner(data)  # last, where it cannot be missed
     return metrics
 
 

@@ -144,33 +144,23 @@ def build(cfg: Config, guide_name: str) -> tuple[vi_lab.VAE, torch.nn.Module]:
 
 def train_or_load(cfg: Config, name: str, data: runs.RunData, device: torch.device,
                   run_dir: Path) -> tuple[vi_lab.VAE, torch.nn.Module, dict]:
-    """The trained pair for one family: a checkpoint with ``cfg.epochs`` epochs is loaded as
-    it is; a shorter one is continued by fit(resume=True); without one (or with --overwrite), training
+    """The trained pair for one family. A checkpoint in ``run_dir`` is resumed by fit(), which
+    checks it was trained with these settings and data: one with ``cfg.epochs`` epochs is
+    restored as it is, a shorter one is continued. Without one (or with --overwrite), training
     starts fresh."""
     model, guide = build(cfg, name)
     path = run_dir / vi_lab.infer.CHECKPOINT_NAME
     if cfg.overwrite:  # train afresh: the family's earlier checkpoint and log go
         for stale in runs.RUN_FILES:
             (run_dir / stale).unlink(missing_ok=True)
-    state = load_checkpoint(path, map_location=device) if path.is_file() else None
-    if state is not None and state["epoch"] >= cfg.epochs:
-        for label, module in (("model", model), ("guide", guide)):
-            try:
-                module.load_state_dict(state[label])
-            except RuntimeError as err:
-                raise ValueError(f"checkpoint {path} was written for a different {label} (check --latent-dim, "
-                                 f"--hidden, --arch): {err}") from None
-        model.to(device)
-        guide.to(device)
-        history, source = state["history"], "loaded"
-    else:
-        result = vi_lab.fit(
-            model, guide, data.x_train, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, device=device,
-            seed=cfg.seed, checkpoint_dir=run_dir, resume=state is not None,
-            progress=runs.fit_progress(cfg.progress),
-            binarize=data.fit_binarize, eval_data=data.x_test, eval_samples=1,
-        )
-        history, source = result.history, "continued" if state is not None else "trained"
+    before = load_checkpoint(path)["epoch"] if path.is_file() else None
+    result = vi_lab.fit(
+        model, guide, data.x_train, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, device=device,
+        seed=cfg.seed, checkpoint_dir=run_dir, resume=before is not None, progress=runs.fit_progress(cfg.progress),
+        binarize=data.fit_binarize, eval_data=data.x_test, eval_samples=1,
+    )
+    history = result.history
+    source = "trained" if before is None else "loaded" if before >= cfg.epochs else "continued"
     model.eval()
     guide.eval()
     secs = [h["seconds"] for h in history]
@@ -221,6 +211,7 @@ def main(cfg: Config) -> dict:
         "eval_samples": cfg.eval_samples,
         "dataset": cfg.dataset,
         "data_source": data.source,
+        "data_fallback": data.fallback,
         "binarization": "dynamic (training), static with seed+1 (test)",
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -254,6 +245,7 @@ def main(cfg: Config) -> dict:
     print(f"\nnats per datapoint; K={cfg.eval_samples}; {num_points} test images; data: {data.source}; "
           f"total {seconds / 60:.1f} min on {device} ({torch.get_num_threads()} threads)")
     print(f"wrote {out}/ (gaps.json, gaps.png, refinement.png, <guide>/last.pt)")
+    runs.print_fallback_banner(data)  # last, where it cannot be missed
     return record
 
 

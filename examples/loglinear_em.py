@@ -126,7 +126,7 @@ def run_svi(cfg: Config, K: int, data: runs.RunData, device: torch.device) -> di
     with _Clock() as clock:
         fit = vi_lab.fit(model, empty_guide, data.x_train, loss=enum_elbo(), epochs=cfg.epochs,
                          batch_size=cfg.batch_size, lr=cfg.svi_lr, device=device, seed=cfg.seed,
-                         progress=cfg.progress, binarize="none")
+                         progress=runs.fit_progress(cfg.progress), binarize="none")
     with torch.no_grad():
         test, sem = _summary(model.log_marginal(data.x_test))
         train = model.log_marginal(data.x_train).mean().item()
@@ -141,7 +141,8 @@ def run_vae(cfg: Config, data: runs.RunData, device: torch.device) -> dict[str, 
     guide = vi_lab.make_guide("mean_field", latent_dim=cfg.latent_dim, hidden=list(cfg.hidden), x_dim=data.x_train.shape[1])
     with _Clock() as clock:
         fit = vi_lab.fit(model, guide, data.x_train, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                         device=device, seed=cfg.seed, progress=cfg.progress, binarize=data.fit_binarize)
+                         device=device, seed=cfg.seed, progress=runs.fit_progress(cfg.progress),
+                         binarize=data.fit_binarize)
     t0 = time.perf_counter()
     with torch.no_grad():
         test, sem = _summary(evaluate.log_likelihood(model, guide, data.x_test, num_samples=cfg.eval_samples))
@@ -230,6 +231,7 @@ def main(cfg: Config) -> dict:
         "binarization": "static (train seed, test seed + 1), shared by all methods",
         "dataset": cfg.dataset,
         "data_source": data.source,
+        "data_fallback": data.fallback,
         "device": str(device),
         "threads": torch.get_num_threads(),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -248,6 +250,7 @@ def main(cfg: Config) -> dict:
     print(f"\ntest set: first {len(data.x_test)} {cfg.dataset} test images, statically binarized; "
           f"train: {len(data.x_train)} images; data: {data.source}")
     print(f"wrote {out}/ ({', '.join(written)})")
+    runs.print_fallback_banner(data)  # last, where it cannot be missed
     return report
 
 

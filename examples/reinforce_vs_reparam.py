@@ -172,7 +172,7 @@ def train_all(name: str, family: Family, cfg: Config, data, device) -> tuple[lis
         torch.manual_seed(cfg.seed)  # every estimator starts from the same parameters
         model, guide = family.build(cfg)
         result = vi_lab.fit(model, guide, data.x_train, estimator=est, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                            lr=cfg.lr, device=device, seed=cfg.seed, progress=cfg.progress,
+                            lr=cfg.lr, device=device, seed=cfg.seed, progress=runs.fit_progress(cfg.progress),
                             binarize=data.fit_binarize, eval_data=data.x_test)
         n = len(data.x_train)
         steps_per_epoch = n // cfg.batch_size if est.spec.fixed_batch and n >= cfg.batch_size else -(-n // cfg.batch_size)
@@ -308,6 +308,7 @@ def main(cfg: Config) -> dict:
         "config": dataclasses.asdict(cfg),
         "device": str(device),
         "data_source": data.source,
+        "data_fallback": data.fallback,
         "train_size": len(data.x_train),
         "eval_size": len(data.x_test),
         "total_seconds": time.perf_counter() - t0,
@@ -318,6 +319,7 @@ def main(cfg: Config) -> dict:
     save_variance(results, out / "variance.png")
     print(f"\ndata: {data.source}; wrote {out}/ (estimators.json, variance.png, curves.png) "
           f"in {summary['total_seconds']:.0f} s")
+    runs.print_fallback_banner(data)  # last, where it cannot be missed
     return summary
 
 

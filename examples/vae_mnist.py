@@ -111,14 +111,11 @@ def build(cfg: Config) -> tuple[vi_lab.VAE, torch.nn.Module]:
 def main(cfg: Config) -> dict:
     device = runs.setup(cfg.threads, cfg.device)
     out = runs.out_dir(cfg.out, cfg.resume, overwrite=cfg.overwrite)
-    runs.record_config(out, cfg, resume=bool(cfg.resume))
+    runs.record_config(out, cfg, cfg.resume)
     mode = cfg.binarize or runs.default_binarization(cfg.likelihood)
     data = runs.load_data(cfg.dataset, data_dir=cfg.data_dir, device=device, train_size=cfg.train_size,
                           eval_size=cfg.eval_size, binarization=mode, seed=cfg.seed)
     x_train, x_test, source = data.x_train, data.x_test, data.source
-    banner = runs.fallback_banner(data)
-    if banner:
-        print(banner, flush=True)
     pyro.set_rng_seed(cfg.seed)  # --seed fixes the initial weights too, not only training
     model, guide = build(cfg)
 
@@ -195,8 +192,7 @@ def main(cfg: Config) -> dict:
     if unstable:
         print(f"WARNING: the training ELBO exploded in epoch(s) {unstable} (see the warning above): lower --lr; "
               f"these numbers are not trustworthy.")
-    if banner:
-        print(banner)
+    runs.print_fallback_banner(data)  # last, where it cannot be missed
     return metrics
 
 

@@ -147,6 +147,7 @@ def main(cfg: Config) -> dict:
         "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
         "device": str(device),
         "data_source": data.source,
+        "data_fallback": data.fallback,
         "train_size": len(data.x_train),
         "eval_size": len(data.x_test),
         "samples_per_run": total,
@@ -167,6 +168,7 @@ def main(cfg: Config) -> dict:
     print(runs.format_table(rows))
     print(f"\ndata: {data.source}; {summary['total_seconds']:.0f} s in all; wrote {out}/ "
           "(wake_sleep_vs_aevb.png, wake_sleep_vs_aevb.json, samples_by_latent_dim*.png)")
+    runs.print_fallback_banner(data)  # last, where it cannot be missed
     return summary
 
 

@@ -24,7 +24,8 @@ def pair(device):
 
 @pytest.fixture
 def x(device):
-    return torch.rand(B, 784, generator=torch.Generator().manual_seed(1)).bernoulli().to(device)
+    g = torch.Generator().manual_seed(1)
+    return torch.bernoulli(torch.rand(B, 784, generator=g), generator=g).to(device)
 
 
 def folded(vae, q):
@@ -151,6 +152,8 @@ def test_one_datapoint_without_its_batch_dimension_is_an_error(pair, x):
         evaluate.elbo(vae, q, x.reshape(B, 28, 28))
     with pytest.raises(ContractError, match=r"its rows hold 100 values"):
         fit(vae, q, x[:, :100], epochs=1, progress=False)
+    with pytest.raises(ContractError, match=r"got data of shape \(784,\); it is one datapoint .* data.unsqueeze"):
+        fit(vae, q, x[0], epochs=1, batch_size=8, progress=False)
 
 
 def test_a_hand_written_model_given_one_datapoint_is_told_about_the_broadcast(pair, x):
@@ -211,3 +214,56 @@ def test_gradient_stats_of_a_fixed_model_reports_the_guide_only(x, device):
     assert set(stats) == {"encoder"} and stats["encoder"].num_params > 0
     with pytest.raises(ValueError, match="group 'decoder' names no parameters"):
         gradient_stats(model, q, x, num_draws=3, groups={"decoder": []})
+
+
+def test_support_is_checked_only_for_sites_that_observe_x_itself(x, device):
+    import pyro.distributions as dist
+
+    dec = torch.nn.Linear(D, 784).to(device)
+    q = make_guide("mean_field", latent_dim=D, hidden=[32]).to(device)
+
+    def binarizing_model(x):  # observes (x > 0.5), not x: grey x is fine
+        pyro.module("dec", dec)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], D), 1.0).to_event(1))
+            pyro.sample("obs", dist.Bernoulli(logits=dec(z)).to_event(1), obs=(x > 0.5).float())
+
+    grey = torch.rand(B, 784, device=device)
+    assert evaluate.elbo(binarizing_model, q, grey).shape == (B,)
+
+    def labelled(x, y):  # x of shape (B, 1) beside an observed label site of the same row size
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Categorical(logits=x.new_zeros(x.shape[0], 3)), obs=y)
+            pyro.sample("x", dist.Normal(x.new_zeros(x.shape[0], 1), 1.0).to_event(1), obs=x)
+
+    xs = torch.full((B, 1), 3.7, device=device)
+    y = torch.zeros(B, dtype=torch.long, device=device)
+    assert evaluate.elbo(labelled, lambda x, y: None, xs, y).shape == (B,)
+
+
+def test_an_autocontinuous_guide_gets_advice_a_user_can_follow(pair, x):
+    from pyro.infer.autoguide import AutoDiagonalNormal
+
+    vae, _ = pair
+    with pytest.raises(ContractError, match=r"Pyro AutoContinuous guide .* Fix: use AutoNormal or AutoDelta"):
+        check_pair(vae, AutoDiagonalNormal(vae), x)
+
+
+def test_gradient_stats_takes_a_model_side_enumerated_latent_with_the_enum_estimator(device):
+    import pyro.distributions as dist
+
+    def model(x):
+        logits = pyro.param("logits", torch.zeros(3, 5, device=device))
+        with pyro.plate("data", x.shape[0]):
+            c = pyro.sample("c", dist.Categorical(logits=x.new_zeros(3)), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Bernoulli(logits=logits[c]).to_event(1), obs=x)
+
+    def guide(x):
+        pass
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.bernoulli(torch.rand(8, 5, generator=g), generator=g).to(device)
+    stats = gradient_stats(model, guide, x, estimator="enum", num_draws=2)
+    assert set(stats) == {"decoder"} and float(stats["decoder"].variance) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ContractError, match="marked for enumeration"):
+        evaluate.elbo(model, guide, x)

@@ -241,6 +241,7 @@ def test_example_runs_with_the_smallest_settings(tmp_path, example_args):
     assert report["train_size"] == 200 and report["eval_size"] == 20
     assert all(r["test_log_likelihood"] < 0 for r in report["results"])
     assert "test log-lik" in proc.stdout
+    assert "epoch 1: train ELBO" in proc.stdout  # --no-progress keeps fit's line per epoch
 
 
 def test_a_fixed_prior_stays_fixed(device):

@@ -67,9 +67,28 @@ def test_vae_mnist_resume_continues_the_run_and_nothing_else_overwrites_it(tmp_p
     metrics = json.loads((out / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     assert metrics["config"]["lr"] == 0.002
+    branch = tmp_path / "branch"  # resumed into another directory: a new run there, the first untouched
+    resumed = snapshot(out)
+    more3 = [a if a != "1" or i != 1 else "3" for i, a in enumerate(TINY)]
+    run_example("vae_mnist.py", *more3, "--hidden", "32", "--resume", str(out), "--out", str(branch), *example_args)
+    assert snapshot(out) == resumed
+    assert [h["epoch"] for h in json.loads((branch / "metrics.json").read_text())["history"]] == [1, 2, 3]
+    onto = run_example("vae_mnist.py", *more3, "--hidden", "32", "--resume", str(out), "--out", str(branch),
+                       *example_args, ok=False)
+    assert onto.returncode != 0 and f"error: {branch} already holds files" in onto.stderr
     run_example("vae_mnist.py", *TINY, "--hidden", "32", "--out", str(out), "--overwrite", *example_args)
     metrics = json.loads((out / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1]
+
+
+def test_vae_mnist_bad_input_is_one_line_and_a_failed_start_does_not_block_the_directory(tmp_path, example_args):
+    out = tmp_path / "run"
+    proc = run_example("vae_mnist.py", *TINY, "--hidden", "32", "--binarize", "none", "--out", str(out),
+                       *example_args, ok=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: data has values outside the support")
+    assert [p.name for p in out.iterdir()] == ["config.json"]  # nothing trained: the same --out is free
+    run_example("vae_mnist.py", *TINY, "--hidden", "32", "--out", str(out), *example_args)
 
 
 def test_vae_mnist_with_zero_epochs_and_one_test_image(tmp_path, example_args):

@@ -230,5 +230,10 @@ def test_example_smoke_and_checkpoint_reuse(tmp_path, example_args):
     again = example.main(cfg)
     assert again["training"]["mean_field"]["checkpoint"] == "loaded"
     assert again["training"]["mean_field"]["train_elbo"] == pytest.approx(record["training"]["mean_field"]["train_elbo"])
+    # a checkpoint trained on other data is not reused as if it fitted these settings
+    other = example.parse_args([*tiny, "--train-size", "100", "--threads", str(torch.get_num_threads()),
+                                "--out", str(tmp_path / "other"), "--checkpoints", str(out)])
+    with pytest.raises(ValueError, match=r"data cannot change on resume"):
+        example.main(other)
     with pytest.raises(SystemExit):
         example.parse_args(["--guides", "no_such_guide"])

@@ -20,7 +20,9 @@ N, X_DIM = 96, 784
 
 @pytest.fixture
 def data(device):
-    return torch.rand(N, X_DIM, generator=torch.Generator().manual_seed(0)).bernoulli().to(device)
+    g = torch.Generator().manual_seed(0)
+    # the draws from g, not the global generator: seeded alike, it would repeat p and give all zeros
+    return torch.bernoulli(torch.rand(N, X_DIM, generator=g), generator=g).to(device)
 
 
 def pair(device, seed=0):
@@ -183,3 +185,39 @@ def test_epochs_progress_prints_one_line_per_epoch_and_no_bar(data, device, caps
     assert "it/s" not in out.err
     with pytest.raises(ValueError, match="progress must be True, False or 'epochs'"):
         fit(model, guide, data, epochs=1, progress="bars")
+
+
+@pytest.mark.parametrize("auto", ["AutoDelta", "AutoNormal"])
+def test_seed_fixes_a_lazily_initialised_guide_whatever_the_random_state_before(data, device, auto):
+    import pyro.infer.autoguide as autoguide
+
+    results = []
+    for before in (1, 2):
+        torch.manual_seed(before)
+        model, _ = pair(device)
+        guide = getattr(autoguide, auto)(model)
+        pyro.clear_param_store()
+        results.append(fit(model, guide, data[:32], epochs=2, batch_size=32, seed=0, progress=False).train_elbo)
+    assert results[0] != 0 and results[0] == results[1]
+
+
+def test_binarizing_data_outside_the_unit_interval_is_named(data, device):
+    from vi_lab.data import binarize
+
+    model, guide = pair(device)
+    with pytest.raises(ValueError, match=r"binarize='dynamic' reads data as pixel intensities in \[0, 1\], but its "
+                                         r"values range over \[0, 255\] \(0-255 images\? divide them by 255\)"):
+        fit(model, guide, data * 255, epochs=1, batch_size=32, binarize="dynamic", progress=False)
+    with pytest.raises(ValueError, match=r"binarize='threshold' reads x .* \[-1, 1\]"):
+        binarize(data * 2 - 1, "threshold")
+
+
+def test_wake_sleep_divergence_names_the_loss(data, device):
+    from vi_lab.wake_sleep import fit_wake_sleep
+
+    model, guide = pair(device)
+    with pytest.raises(TrainingDiverged, match=r"training diverged at epoch \d+, step \d+ of 3: the (model|guide) "
+                                               r"loss became (nan|inf|-inf)") as err:
+        with pyro.validation_enabled(False):
+            fit_wake_sleep(model, guide, data, epochs=5, batch_size=32, lr=1e20, progress=False)
+    assert not err.value.loss == err.value.loss or abs(err.value.loss) == float("inf")

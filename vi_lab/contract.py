@@ -54,7 +54,7 @@ class PairCheck:
     prior_latents: tuple[str, ...]
     observed: tuple[str, ...]
     batch_size: int
-    #: observed site -> (support, shape of one datapoint's value, dtype), for :func:`check_support`
+    #: observed site whose data is x itself -> (support, shape of one datapoint's value), for :func:`check_support`
     supports: dict = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -85,6 +85,11 @@ def _plate_problem(site: dict, side: str, batch: int) -> str | None:
     if batch_shape[-1:] == (batch,) and frames:
         return None
     where = f"{side} site {name!r} (batch shape {_shape(batch_shape)}, event shape {_shape(event_shape)})"
+    if site["infer"].get("is_auxiliary") and name.startswith("_Auto"):
+        return (f"{where} is the one vector into which a Pyro AutoContinuous guide (AutoDiagonalNormal, "
+                f"AutoMultivariateNormal, AutoLowRankMultivariateNormal, ...) packs the latents of the whole batch, "
+                f"so it has no density per datapoint. Fix: use AutoNormal or AutoDelta (one site per latent, inside "
+                f"the model's plates) or a vi_lab guide (vi_lab.make_guide).")
     if len(event_shape) >= 2 and event_shape[0] == batch:  # (B, D) reinterpreted whole: the batch folded in
         return (f"{where} holds the data batch of {batch} in its event shape, so its log-density is one sum over "
                 f"the whole batch instead of one number per datapoint (the ELBO comes out about {batch} times too "
@@ -101,7 +106,7 @@ def _plate_problem(site: dict, side: str, batch: int) -> str | None:
 
 
 def check_pair(model: Callable, guide: Callable, x: torch.Tensor, *args, enumerated_ok: bool = False,
-               **kwargs) -> PairCheck:
+               what: str = "x", **kwargs) -> PairCheck:
     """Check that a model/guide pair keeps vi_lab's per-datapoint contract (see the module docstring).
 
     One trace of the guide and one of the model on ``x`` (no gradients, nothing recorded in
@@ -114,6 +119,7 @@ def check_pair(model: Callable, guide: Callable, x: torch.Tensor, *args, enumera
         latent from a shared one).
     :param enumerated_ok: accept model latents marked for enumeration that the guide does
         not sample (training with ``TraceEnum_ELBO`` sums them out; the evaluators cannot).
+    :param what: the data's name in messages.
     :returns: :class:`PairCheck` (the plate nesting and the sites by role).
     :raises ContractError: listing every broken rule, each with its site and fix.
 
@@ -121,8 +127,8 @@ def check_pair(model: Callable, guide: Callable, x: torch.Tensor, *args, enumera
 
         vi_lab.check_pair(model, guide, x_train[:16])  # raises ContractError or returns PairCheck
     """
-    check_data(x)
-    _check_row_shape(model, guide, x)
+    check_data(x, what)
+    check_row_shape(model, guide, x, what)
     guide_trace, model_trace = trace_pair(model, guide, x, *args, **kwargs)
     batch = x.shape[0]
     guide_sites = {n: s for n, s in _samples(guide_trace).items() if not s["is_observed"]}
@@ -171,8 +177,10 @@ def check_pair(model: Callable, guide: Callable, x: torch.Tensor, *args, enumera
     for name, site in model_sites.items():
         if site["is_observed"] and not problems:
             value = site["value"]
-            supports[name] = (site["fn"].support, value.shape[1:], value.dtype)
-            _raise_outside(name, site["fn"].support, value, f"the data observed at {name!r}")
+            observes_x = _observes(value, x)
+            _raise_outside(name, site["fn"].support, value, what if observes_x else f"the data observed at {name!r}")
+            if observes_x:  # x itself, one row per datapoint: check_support checks every row
+                supports[name] = (site["fn"].support, value.shape[1:])
     if problems:
         head = f"the model/guide pair breaks vi_lab's per-datapoint contract ({len(problems)} problem" \
                f"{'s' if len(problems) > 1 else ''}):"
@@ -189,20 +197,25 @@ def check_pair(model: Callable, guide: Callable, x: torch.Tensor, *args, enumera
     )
 
 
-def _check_row_shape(model: Callable, guide: Callable, x: torch.Tensor) -> None:
-    """A model or guide that declares ``x_dim`` (vi_lab's own) takes flat rows ``(batch, x_dim)``."""
+def check_row_shape(model: Callable, guide: Callable, x: torch.Tensor, what: str = "x") -> None:
+    """A model or guide that declares ``x_dim`` (vi_lab's own) takes flat rows ``(batch, x_dim)``.
+
+    Called on all the data where it enters (before it is cut into batches, which would hide
+    a missing batch dimension) and by :func:`check_pair`.
+    """
     for obj in (model, guide):
         x_dim = getattr(obj, "x_dim", None)
         if not isinstance(x_dim, int) or tuple(x.shape[1:]) == (x_dim,):
             continue
         name = type(obj).__name__
         if x.dim() == 1 and x.numel() == x_dim:
-            fix = "it is one datapoint without its batch dimension: pass x.unsqueeze(0)"
+            fix = f"it is one datapoint without its batch dimension: pass {what}.unsqueeze(0)"
         elif x[0].numel() == x_dim:
-            fix = "flatten each datapoint: x.reshape(len(x), -1)"
+            fix = f"flatten each datapoint: {what}.reshape(len({what}), -1)"
         else:
             fix = f"its rows hold {x[0].numel()} values: is it the data this {name} was built for?"
-        raise ContractError(f"the {name} takes data of shape (batch, {x_dim}), got x of shape {tuple(x.shape)}; {fix}")
+        raise ContractError(f"the {name} takes data of shape (batch, {x_dim}), got {what} of shape {tuple(x.shape)}; "
+                            f"{fix}")
 
 
 def check_data(x, what: str = "x") -> None:
@@ -232,6 +245,14 @@ def _elementwise(support):
     return support
 
 
+def _observes(value: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether an observed site's value is the traced batch ``x`` itself (maybe reshaped per row)."""
+    if value.dim() < 1 or value.shape[0] != x.shape[0] or value.numel() != x.numel() or value.is_meta:
+        return False
+    return bool(torch.equal(value.reshape(x.shape[0], -1), x.reshape(x.shape[0], -1).to(value.dtype))) and \
+        bool(torch.equal(value.reshape(x.shape[0], -1).to(x.dtype), x.reshape(x.shape[0], -1)))
+
+
 def check_support(pair: PairCheck, x: torch.Tensor, what: str = "x") -> None:
     """All of ``x`` lies in the support of each observed site whose data is ``x`` itself (one row per datapoint).
 
@@ -242,10 +263,9 @@ def check_support(pair: PairCheck, x: torch.Tensor, what: str = "x") -> None:
     :param x: all the data, batch first.
     :param what: its name in the message.
     """
-    for name, (support, row_shape, dtype) in pair.supports.items():
-        if x[0].numel() != row_shape.numel():
-            continue
-        _raise_outside(name, support, x.reshape(x.shape[0], *row_shape).to(dtype), what)
+    for name, (support, row_shape) in pair.supports.items():
+        if x[0].numel() == row_shape.numel():
+            _raise_outside(name, support, x.reshape(x.shape[0], *row_shape), what)
 
 
 def _raise_outside(name: str, support, values: torch.Tensor, what: str) -> None:
@@ -267,4 +287,4 @@ def _raise_outside(name: str, support, values: torch.Tensor, what: str) -> None:
         f"{values.shape[0]} rows (first: row {int(rows[0])}, value {first:g}).{hint}")
 
 
-__all__ = ["ContractError", "PairCheck", "check_data", "check_pair", "check_support", "trace_pair"]
+__all__ = ["ContractError", "PairCheck", "check_data", "check_pair", "check_row_shape", "check_support", "trace_pair"]

@@ -576,6 +576,21 @@ def load_dataset(
 BINARIZATIONS = ("dynamic", "static", "threshold", "none")
 
 
+def check_unit_interval(x: torch.Tensor, what: str, mode: str) -> None:
+    """Binarization reads values as probabilities: all of ``x`` must lie in [0, 1].
+
+    :raises ValueError: naming the range found and the likely fix (0-255 images).
+    """
+    if x.is_meta or x.numel() == 0:
+        return
+    lo, hi = x.min().item(), x.max().item()
+    if lo >= 0.0 and hi <= 1.0:
+        return
+    hint = " (0-255 images? divide them by 255)" if hi > 1.0 and hi <= 255.0 and lo >= 0.0 else ""
+    raise ValueError(f"binarize={mode!r} reads {what} as pixel intensities in [0, 1], but its values range over "
+                     f"[{lo:g}, {hi:g}]{hint}")
+
+
 def binarize(
     x: torch.Tensor,
     mode: str,
@@ -607,6 +622,8 @@ def binarize(
         >>> xb = binarize(ds.images, "static", seed=0)  # doctest: +SKIP
         >>> batches = DeviceBatches(ds.images, 100, transform=lambda b: binarize(b, "dynamic"))  # doctest: +SKIP
     """
+    if mode in ("static", "threshold"):  # once per dataset; dynamic (per batch) is checked by fit, once
+        check_unit_interval(x, "x", mode)
     if mode == "dynamic":
         if generator is not None and generator.device != x.device:  # drawn where the generator is
             return torch.bernoulli(x.to(generator.device), generator=generator).to(x.device)

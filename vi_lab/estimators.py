@@ -769,7 +769,8 @@ def _draw(model, guide, x, args, kwargs, estimator, num_draws, seed, groups, war
     m_fn, g_fn = training_objective(model, scales), training_objective(prepared.guide, scales)
     elbo = prepared.loss
     # a guessed plate nesting would cost a guide run inside draw 0 and break the pairing
-    elbo.max_plate_nesting = check_pair(model, guide, x, *args, **kwargs).nesting
+    elbo.max_plate_nesting = check_pair(model, guide, x, *args, enumerated_ok=isinstance(elbo, TraceEnum_ELBO),
+                                        **kwargs).nesting
     names = {k: list(v) for k, v in (groups or param_groups(model, guide, x, *args, **kwargs)).items()}
     empty = [g for g, ns in names.items() if not ns]
     if empty or not names:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import prune_subsample_sites
 
-from vi_lab.contract import check_data, check_pair, check_support
+from vi_lab.contract import check_data, check_pair, check_row_shape, check_support
 from vi_lab.device import check_modules_on
 
 #: elements of a (K, B, x_dim) tensor allowed per chunk: bounds memory for K = 5000
@@ -158,6 +158,7 @@ def _chunked(model, guide, x, args, kwargs, num_samples, batch_size, reduce, pro
     """
     _check_inputs(x, num_samples)
     check_modules_on(x, model, guide)
+    check_row_shape(model, guide, x)  # on all of x: cut into chunks, a missing batch dimension would hide
     n = x.shape[0]
     nesting = None
     out = []

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from vi_lab import checkpoint as ckpt
 from vi_lab import evaluate
-from vi_lab.contract import check_data, check_pair, check_support
-from vi_lab.data import DeviceBatches, binarize as binarize_fn
+from vi_lab.contract import check_data, check_pair, check_row_shape, check_support
+from vi_lab.data import BINARIZATIONS, DeviceBatches, binarize as binarize_fn, check_unit_interval
 from vi_lab.device import resolve_device
 from vi_lab.estimators import Estimator, prepare as prepare_estimator
 
@@ -182,8 +182,8 @@ def _check_settings(saved: dict[str, Any] | None, now: dict[str, Any], path: Pat
         f"{now[k]['sum']:.6g})" if k == "data" else f"{k}={saved[k]!r} then, {k}={now[k]!r} now" for k in changed)
     raise ValueError(
         f"cannot resume {path}: {', '.join(changed)} cannot change on resume ({what}). Resume with what the "
-        f"checkpoint was trained with, or start a new run in another directory (lr and epochs may change on "
-        f"resume).")
+        f"checkpoint was trained with, or start a new run (in another directory, or with --overwrite in the "
+        f"examples); lr and epochs may change on resume.")
 
 
 def _apply_current_hyperparameters(optim: pyro.optim.PyroOptim, saved: dict[str, Any]) -> None:
@@ -342,6 +342,7 @@ def fit(
         raise ValueError(f"progress must be True, False or 'epochs', got {progress!r}")
     x, extra = data_tensors(data)
     check_data(x, "data")
+    check_row_shape(model, guide, x, "data")
     dev = resolve_device(device, x)
     x = x.to(dev)
     extra = extra.to(dev) if extra is not None else None
@@ -349,10 +350,14 @@ def fit(
         m.to(dev)
     transform = None if binarize == "none" else (lambda b: binarize_fn(b, binarize))
     if transform is not None:
+        if binarize in BINARIZATIONS:  # every row, once: binarize reads x as probabilities
+            check_unit_interval(x, "data", binarize)
         binarize_fn(x[:1], binarize)  # validate the mode before training starts
     eval_x, eval_extra = data_tensors(eval_data) if eval_data is not None else (None, None)
     if eval_x is not None:
         check_data(eval_x, "eval_data")
+        if binarize != "none":
+            check_unit_interval(eval_x, "eval_data", binarize)
         eval_x = _eval_binarized(eval_x.to(dev), binarize)  # once: the held-out set is fixed
         eval_extra = eval_extra.to(dev) if eval_extra is not None else None
     # one lookup in vi_lab.estimators.ESTIMATORS: the Pyro objective and the guide it runs
@@ -376,15 +381,17 @@ def fit(
         raise ValueError(f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or infinite values before "
                          f"training: the model or guide comes broken (e.g. from a diverged run); build them afresh "
                          f"or load finite weights")
-    # the contract, once, on a batch as the steps see it (the draws it makes come before the
-    # seed of a fresh run and before the RNG state a resumed run restores)
-    x0 = transform(x[:batch_size]) if transform is not None else x[:batch_size]
-    first = (x0, extra[:batch_size]) if extra is not None else (x0,)
-    pair = check_pair(model, guide, *first, enumerated_ok=isinstance(est.loss, TraceEnum_ELBO))
-    if transform is None:
-        check_support(pair, x, "data")
-    if eval_x is not None:
-        check_support(pair, eval_x, "eval_data")
+    def door() -> tuple:
+        """The contract, once, on a batch as the steps see it; returns that batch's arguments."""
+        x0 = transform(x[:batch_size]) if transform is not None else x[:batch_size]
+        first = (x0, extra[:batch_size]) if extra is not None else (x0,)
+        pair = check_pair(model, guide, *first, enumerated_ok=isinstance(est.loss, TraceEnum_ELBO), what="data")
+        if transform is None:
+            check_support(pair, x, "data")
+        if eval_x is not None:
+            check_support(pair, eval_x, "eval_data")
+        return first
+
     settings = _settings(loss, estimator if isinstance(estimator, str) else est.estimator.label, baseline,
                          num_particles, batch_size, binarize, x)
 
@@ -404,6 +411,7 @@ def fit(
             raise ValueError("resume=True needs checkpoint_dir (or pass the checkpoint's path as resume=)")
         # on the CPU: load_state_dict and copy_ below put each tensor where its parameter is,
         # and torch's optimizer keeps its step counters on the CPU, as in a fresh run
+        first = door()  # its draws come before the RNG state restored below
         state = ckpt.load(path, map_location="cpu")
         _check_settings(state.get("settings"), settings, path)
         _restore(state, model, guide, optim, svi, first, path)
@@ -415,6 +423,11 @@ def fit(
     else:
         pyro.set_rng_seed(seed)
         pyro.clear_param_store()
+        # after the seed, so guides that set their parameters on first call (Pyro's autoguides) are
+        # seeded; the RNG is then put back so training draws what it drew before the check existed
+        rng = ckpt.rng_state()
+        door()
+        ckpt.set_rng_state(rng)
     if ckpt_path is not None:
         ckpt.remove_temporaries(ckpt_path)  # left by a process killed mid-write
 

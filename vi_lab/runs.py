@@ -119,27 +119,34 @@ RESUMABLE = frozenset({"epochs", "lr", "resume", "out", "overwrite", "progress",
                        "eval_samples", "data_dir"})
 
 
+def resumed_dir(resume: str | None) -> Path | None:
+    """The directory of the run ``--resume`` names (a directory, or its ``last.pt``)."""
+    if not resume:
+        return None
+    r = Path(resume)
+    return r.parent if r.is_file() else r
+
+
 def out_dir(out: str | None, resume: str | None = None, *, overwrite: bool = False, reuse: bool = False) -> Path:
     """``--out``, else the resumed run's directory, else ``runs/<timestamp>``; created.
 
-    A directory that already holds files is refused (``SystemExit`` with the reason, nothing
-    touched) unless the run resumes it, ``overwrite`` is set (the earlier run's
+    A directory that already holds a run (any file but a ``config.json`` left by a run that
+    failed before its first epoch) is refused (``SystemExit`` with the reason, nothing
+    touched) unless the run resumes it in place, ``overwrite`` is set (the earlier run's
     :data:`RUN_FILES` are deleted, other files are replaced when written again), or the
-    script reuses what it finds there by design (``reuse``).
+    script reuses what it finds there by design (``reuse``). Resuming a run into another
+    ``--out`` branches it: that directory is a new run's and must be empty too.
     """
-    if resume and overwrite:
+    source = resumed_dir(resume)
+    path = Path(out) if out else source if source is not None else \
+        Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    in_place = source is not None and path.resolve() == source.resolve()
+    if in_place and overwrite:
         raise SystemExit("error: --resume continues a run and --overwrite replaces it; pass one of them")
-    if out:
-        path = Path(out)
-    elif resume:
-        r = Path(resume)
-        path = r.parent if r.is_file() else r
-    else:
-        path = Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     if path.exists() and not path.is_dir():
         raise SystemExit(f"error: --out {path} is a file, not a directory")
-    held = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-    if held and not (resume or reuse):
+    held = sorted(p.name for p in path.iterdir() if p.name != CONFIG_NAME) if path.is_dir() else []
+    if held and not (in_place or reuse):
         if not overwrite:
             shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
             raise SystemExit(f"error: {path} already holds files ({shown}); nothing was changed. Pass --resume "
@@ -151,34 +158,41 @@ def out_dir(out: str | None, resume: str | None = None, *, overwrite: bool = Fal
     return path
 
 
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
 def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def record_config(out: Path, cfg: Any, resume: bool) -> None:
-    """Write the run's config to ``out/config.json`` at its start; on resume, refuse changed options.
+def record_config(out: Path, cfg: Any, resume: str | None = None) -> None:
+    """Write the run's config to ``out/config.json``; on resume, first refuse changed options.
 
     A resumed run continues the one it resumes: options outside :data:`RESUMABLE` (the
-    model, the guide, the data, the objective, ...) must be as they were, and a difference is
-    an error naming the flag, before anything is loaded or trained.
+    model, the guide, the data, the objective, ...) must be as they were in that run's
+    ``config.json``, and a difference is an error naming the flag, before anything is
+    loaded or trained.
 
     :param out: the run directory.
     :param cfg: the script's frozen config dataclass.
-    :param resume: whether this run resumes the one in ``out``.
+    :param resume: ``--resume`` (the run continued, in ``out`` or elsewhere), if any.
     """
     now = _plain(dataclasses.asdict(cfg))
-    path = out / CONFIG_NAME
-    if resume and path.is_file():
-        then = json.loads(path.read_text())["config"]
+    source = resumed_dir(resume)
+    earlier = source / CONFIG_NAME if source is not None else None
+    if earlier is not None and earlier.is_file():
+        then = json.loads(earlier.read_text())["config"]
         changed = [k for k in now if k not in RESUMABLE and k in then and then[k] != now[k]]
         if changed:
-            what = "; ".join(f"--{k.replace('_', '-')} was {then[k]!r}, now {now[k]!r}" for k in changed)
-            raise SystemExit(f"error: cannot resume {out}: {what}. These cannot change on resume (only "
-                             f"{', '.join('--' + k.replace('_', '-') for k in sorted(RESUMABLE - {'out', 'resume', 'overwrite'}))}"
-                             f" can); resume with the earlier values, or start a new run with another --out.")
-        return
-    write_json(path, {"config": now, "command": command_line(),
-                      "date": _dt.datetime.now().isoformat(timespec="seconds")})
+            what = "; ".join(f"{_flag(k)} was {then[k]!r}, now {now[k]!r}" for k in changed)
+            may = ", ".join(_flag(k) for k in sorted(RESUMABLE - {"out", "resume", "overwrite"}))
+            raise SystemExit(f"error: cannot resume {source}: {what}. These cannot change on resume (only {may} "
+                             f"can); resume with the earlier values, or start a new run with another --out.")
+        if (out / CONFIG_NAME).resolve() == earlier.resolve():
+            return  # continued in place: the run's options stay what they were
+    write_json(out / CONFIG_NAME, {"config": now, "command": command_line(),
+                                   "date": _dt.datetime.now().isoformat(timespec="seconds")})
 
 
 def fit_progress(progress: bool) -> bool | str:
@@ -193,6 +207,13 @@ def fallback_banner(data: RunData) -> str | None:
     return (f"WARNING: trained and evaluated on the embedded fallback data ({data.source}), not the full "
             f"dataset: the numbers are not comparable with published ones. Put the IDX files in a directory and "
             f"pass --data-dir or set VI_LAB_DATA.")
+
+
+def print_fallback_banner(data: RunData) -> None:
+    """Print :func:`fallback_banner` when there is one (:func:`load_data` prints it first, scripts print it last)."""
+    banner = fallback_banner(data)
+    if banner:
+        print(banner, flush=True)
 
 
 def default_binarization(likelihood: str) -> str:
@@ -228,18 +249,24 @@ def load_data(dataset: str = "mnist", *, data_dir: str | None = None, device: to
         x_train = binarize(x_train, binarization, seed=seed)
     test_mode = "static" if binarization == "dynamic" else binarization
     x_test = binarize(test.images, test_mode, seed=seed + 1)
-    return RunData(x_train, train.labels, x_test, test.labels, binarization, train.source,
+    data = RunData(x_train, train.labels, x_test, test.labels, binarization, train.source,
                    train.fallback or test.fallback)
+    print_fallback_banner(data)  # first, before any training output
+    return data
 
 
 #: errors a user causes and can fix from the message alone: printed as one line, no traceback
-USER_ERRORS: tuple[type[BaseException], ...] = (TrainingDiverged, ContractError, CheckpointError, FileExistsError,
-                                                FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (TrainingDiverged, ContractError, CheckpointError, ValueError,
+                                                OSError)
 
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn :data:`USER_ERRORS` into ``error: <message>`` and exit status 1 (set VI_LAB_TRACEBACK=1 to see them raised)."""
+    """Turn :data:`USER_ERRORS` into ``error: <message>`` and exit status 1 (VI_LAB_TRACEBACK=1 raises them).
+
+    vi_lab's ValueErrors say what is wrong and what would be right; OSErrors (a full disk
+    while writing pictures, a missing file) name the path and the OS's reason.
+    """
     try:
         yield
     except USER_ERRORS as err:

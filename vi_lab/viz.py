@@ -131,7 +131,10 @@ def save_curves(history: Sequence[dict], path: str | Path, *, keys: Sequence[str
     ax.set_ylabel("ELBO (nats per datapoint, higher is better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    else:  # no epoch trained (--epochs 0): an empty plot that says so
+        ax.text(0.5, 0.5, "no epochs trained", ha="center", va="center", transform=ax.transAxes)
     return save_figure(fig, path)
 
 

@@ -362,7 +362,8 @@ def fit_wake_sleep(
                 _set_grads(losses.guide_loss, guide_params, retain=False)
             ml, gl = losses.model_loss.item(), losses.guide_loss.item()
             if not (math.isfinite(ml) and math.isfinite(gl)):
-                raise TrainingDiverged(ml if not math.isfinite(ml) else gl, epoch, step, len(batches), None)
+                which, bad = ("model", ml) if not math.isfinite(ml) else ("guide", gl)
+                raise TrainingDiverged(f"the {which} loss became {bad}", epoch, step, len(batches), None, loss=bad)
             for opt in (model_opt, guide_opt):
                 if opt is not None:
                     opt.step()
