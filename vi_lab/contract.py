@@ -173,18 +173,18 @@ def check_pair(model: Callable, guide: Callable, x: torch.Tensor, *args, enumera
                     f"{_shape(site['fn'].event_shape)}), so the data is broadcast against it. If x is a single "
                     f"datapoint, give it the batch dimension: x.unsqueeze(0); otherwise reshape the data to the "
                     f"likelihood's event shape per datapoint.")
+    if problems:
+        head = f"the model/guide pair breaks vi_lab's per-datapoint contract ({len(problems)} problem" \
+               f"{'s' if len(problems) > 1 else ''}):"
+        raise ContractError("\n".join([head, *(f"- {p}" for p in problems)]))
     supports = {}
-    for name, site in model_sites.items():
-        if site["is_observed"] and not problems:
+    for name, site in model_sites.items():  # the observed data lies in the likelihood's support
+        if site["is_observed"]:
             value = site["value"]
             observes_x = _observes(value, x)
             _raise_outside(name, site["fn"].support, value, what if observes_x else f"the data observed at {name!r}")
             if observes_x:  # x itself, one row per datapoint: check_support checks every row
                 supports[name] = (site["fn"].support, value.shape[1:])
-    if problems:
-        head = f"the model/guide pair breaks vi_lab's per-datapoint contract ({len(problems)} problem" \
-               f"{'s' if len(problems) > 1 else ''}):"
-        raise ContractError("\n".join([head, *(f"- {p}" for p in problems)]))
     dims = [f.dim for tr in (guide_trace, model_trace) for s in _samples(tr).values()
             for f in s["cond_indep_stack"] if f.vectorized]
     return PairCheck(
