@@ -97,7 +97,12 @@ def _sqrtm_psd(a: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def frechet_distance(features: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor, b: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to the features of two image sets (lower is closer)."""
+    """Frechet distance between Gaussians fitted to the features of two image sets (lower is closer).
+
+    NaN when a set has fewer than two images (no covariance to fit).
+    """
+    if min(len(a), len(b)) < 2:
+        return float("nan")
     fa, fb = features(a).double(), features(b).double()
     ca, cb = torch.cov(fa.T), torch.cov(fb.T)
     root = _sqrtm_psd(ca)
@@ -113,7 +118,7 @@ def main(cfg: Config) -> dict:
     x_train, x_test = data.x_train, data.x_test
     hidden = list(cfg.hidden)
     train_kw = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, device=device, seed=cfg.seed,
-                    binarize=data.fit_binarize, progress=cfg.progress)
+                    binarize=data.fit_binarize, progress=runs.fit_progress(cfg.progress))
 
     pyro.set_rng_seed(cfg.seed)  # initial weights too (torch seeds each process at random)
     ae = Autoencoder(cfg.latent_dim, hidden, loss="bce")

@@ -82,7 +82,7 @@ def main(cfg: Config) -> dict:
     model = CVAE(cfg.latent_dim, list(cfg.hidden)[::-1])
     guide = make_conditional_guide("mean_field", latent_dim=cfg.latent_dim, hidden=list(cfg.hidden))
     result = vi_lab.fit(model, guide, (data.x_train, data.y_train), epochs=cfg.epochs, batch_size=cfg.batch_size,
-                        lr=cfg.lr, device=device, seed=cfg.seed, progress=cfg.progress,
+                        lr=cfg.lr, device=device, seed=cfg.seed, progress=runs.fit_progress(cfg.progress),
                         binarize=data.fit_binarize, eval_data=(data.x_test, data.y_test), checkpoint_dir=out)
 
     t0 = time.perf_counter()
@@ -141,7 +141,7 @@ def main(cfg: Config) -> dict:
         ("seconds per epoch", f"{metrics['seconds_per_epoch']:.1f} ({result.device})"),
     ]))
     print(f"\ndata: {data.source}; wrote {out}/ (metrics.json, class_grid.png, digits.png, latent_scatter.png, "
-          "curves.png, last.pt)")
+          f"curves.png{', last.pt' if result.checkpoint is not None else '; no checkpoint (0 epochs trained)'})")
     runs.print_fallback_banner(data)  # last, where it cannot be missed
     return metrics
 

@@ -131,6 +131,9 @@ def _check(cfg: Config) -> list[str]:
         problems.append(f"learning rates must be > 0, got --local-lr {list(cfg.local_lr)}, --refine-lr {cfg.refine_lr}")
     if any(t < 0 for t in cfg.refine_steps):
         problems.append(f"--refine-steps must be >= 0, got {cfg.refine_steps}")
+    if cfg.overwrite and cfg.checkpoints:
+        problems.append("--overwrite retrains the checkpoints in --out; it does not touch those of --checkpoints "
+                        f"{cfg.checkpoints} (delete them yourself, or drop --checkpoints)")
     return problems
 
 
@@ -140,6 +143,20 @@ def build(cfg: Config, guide_name: str) -> tuple[vi_lab.VAE, torch.nn.Module]:
     model = vi_lab.VAE(cfg.latent_dim, list(cfg.hidden)[::-1], arch=cfg.arch, likelihood="bernoulli")
     guide = vi_lab.make_guide(guide_name, latent_dim=cfg.latent_dim, hidden=list(cfg.hidden), arch=cfg.arch)
     return model, guide
+
+
+def _check_reuse(cfg: Config, path: Path, state: dict) -> None:
+    """A checkpoint is reused only for the run it belongs to: its epochs at most ``--epochs``, the
+    same seed, and (when it is reused as it is) the same lr; fit() checks the data and the rest."""
+    saved = state.get("settings") or {}
+    asked = {"seed": cfg.seed, **({"lr": cfg.lr} if state["epoch"] >= cfg.epochs else {})}
+    differ = {k: (saved[k], v) for k, v in asked.items() if k in saved and saved[k] != v}
+    if state["epoch"] > cfg.epochs:
+        differ["epochs"] = (state["epoch"], cfg.epochs)
+    if differ:
+        what = ", ".join(f"--{k} {then} (this run: {now})" for k, (then, now) in differ.items())
+        raise ValueError(f"checkpoint {path} was trained with {what}; pass the same to reuse it, or --overwrite "
+                         f"(without --checkpoints) to train afresh")
 
 
 def train_or_load(cfg: Config, name: str, data: runs.RunData, device: torch.device,
@@ -153,7 +170,10 @@ def train_or_load(cfg: Config, name: str, data: runs.RunData, device: torch.devi
     if cfg.overwrite:  # train afresh: the family's earlier checkpoint and log go
         for stale in runs.RUN_FILES:
             (run_dir / stale).unlink(missing_ok=True)
-    before = load_checkpoint(path)["epoch"] if path.is_file() else None
+    state = load_checkpoint(path) if path.is_file() else None
+    before = state["epoch"] if state is not None else None
+    if state is not None:
+        _check_reuse(cfg, path, state)
     result = vi_lab.fit(
         model, guide, data.x_train, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, device=device,
         seed=cfg.seed, checkpoint_dir=run_dir, resume=before is not None, progress=runs.fit_progress(cfg.progress),

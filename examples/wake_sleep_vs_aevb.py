@@ -96,11 +96,11 @@ def main(cfg: Config) -> dict:
             pyro.set_rng_seed(cfg.seed)  # both algorithms start from the same weights
             model = vi_lab.VAE(d, list(cfg.hidden)[::-1])
             guide = vi_lab.make_guide("mean_field", latent_dim=d, hidden=list(cfg.hidden))
-            if cfg.progress:
-                print(f"--- {LABELS[algo]}, D = {d}")
+            print(f"--- {LABELS[algo]}, D = {d}")  # heads the lines of this run, bar or no bar
             fit = fit_wake_sleep(model, guide, data.x_train, objective=algo, epochs=cfg.epochs,
                                  batch_size=cfg.batch_size, lr=cfg.lr, device=device, seed=cfg.seed,
-                                 progress=cfg.progress, binarize=data.fit_binarize, eval_data=data.x_test,
+                                 progress=runs.fit_progress(cfg.progress), binarize=data.fit_binarize,
+                                 eval_data=data.x_test,
                                  eval_at=marks)
             t0 = time.perf_counter()
             ll = evaluate.log_likelihood(model, guide, data.x_test, num_samples=cfg.eval_samples)

@@ -190,15 +190,37 @@ def test_epochs_progress_prints_one_line_per_epoch_and_no_bar(data, device, caps
 @pytest.mark.parametrize("auto", ["AutoDelta", "AutoNormal"])
 def test_seed_fixes_a_lazily_initialised_guide_whatever_the_random_state_before(data, device, auto):
     import pyro.infer.autoguide as autoguide
+    from pyro.infer.autoguide.initialization import init_to_sample
 
+    init = {} if auto == "AutoDelta" else {"init_loc_fn": init_to_sample}  # both draw their starting values
     results = []
     for before in (1, 2):
-        torch.manual_seed(before)
-        model, _ = pair(device)
-        guide = getattr(autoguide, auto)(model)
+        model, _ = pair(device)  # the same weights each time
+        guide = getattr(autoguide, auto)(model, **init)
+        torch.manual_seed(before)  # only the random state fit starts from differs
         pyro.clear_param_store()
         results.append(fit(model, guide, data[:32], epochs=2, batch_size=32, seed=0, progress=False).train_elbo)
-    assert results[0] != 0 and results[0] == results[1]
+    assert results[0] == results[1]
+
+
+def test_an_autoguide_is_refused_on_minibatches(data, device):
+    import pyro.infer.autoguide as autoguide
+
+    model, _ = pair(device)
+    with pytest.raises(ValueError, match=r"AutoNormal is not amortized: .* minibatches of 16 out of 96 datapoints"):
+        fit(model, autoguide.AutoNormal(model), data, epochs=1, batch_size=16, progress=False)
+
+
+def test_a_refused_fit_leaves_the_callers_param_store_and_rng_alone(data, device):
+    kept = pyro.param("mine", torch.ones(3))
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    model, guide = pair(device)
+    torch.manual_seed(123)
+    with pytest.raises(ValueError, match="values outside the support"):
+        fit(model, guide, data * 0.5, epochs=1, batch_size=32, progress=False)
+    assert torch.equal(pyro.param("mine"), kept) and torch.equal(torch.rand(4), expected)
 
 
 def test_binarizing_data_outside_the_unit_interval_is_named(data, device):
@@ -210,6 +232,8 @@ def test_binarizing_data_outside_the_unit_interval_is_named(data, device):
         fit(model, guide, data * 255, epochs=1, batch_size=32, binarize="dynamic", progress=False)
     with pytest.raises(ValueError, match=r"binarize='threshold' reads x .* \[-1, 1\]"):
         binarize(data * 2 - 1, "threshold")
+    with pytest.raises(ValueError, match=r"binarize='dynamic' reads x .* \[0, 255\]"):
+        binarize(data.cpu() * 255, "dynamic")
 
 
 def test_wake_sleep_divergence_names_the_loss(data, device):
@@ -221,3 +245,15 @@ def test_wake_sleep_divergence_names_the_loss(data, device):
         with pyro.validation_enabled(False):
             fit_wake_sleep(model, guide, data, epochs=5, batch_size=32, lr=1e20, progress=False)
     assert not err.value.loss == err.value.loss or abs(err.value.loss) == float("inf")
+
+
+def test_wake_sleep_checks_all_the_data_before_training(data, device):
+    from vi_lab.wake_sleep import fit_wake_sleep
+
+    model, guide = pair(device)
+    bad = data.clone()
+    bad[70, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"^data holds 1 NaN values in 1 of its 96 rows \(first: row 70\)"):
+        fit_wake_sleep(model, guide, bad, epochs=1, batch_size=32, progress=False)
+    with pytest.raises(ValueError, match=r"got data of shape \(784,\); it is one datapoint"):
+        fit_wake_sleep(model, guide, data[0], epochs=1, batch_size=32, progress=False)

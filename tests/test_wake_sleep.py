@@ -253,3 +253,4 @@ def test_wake_sleep_vs_aevb_example_runs(tmp_path, example_args):
     for name in ("wake_sleep_vs_aevb.json", "wake_sleep_vs_aevb.png", "samples_by_latent_dim.png"):
         assert (out / name).stat().st_size > 0, name
     assert "wake-sleep" in proc.stdout and "AEVB" in proc.stdout
+    assert "samples: train ELBO" in proc.stdout  # --no-progress keeps a line per recorded point

@@ -88,8 +88,9 @@ def _plate_problem(site: dict, side: str, batch: int) -> str | None:
     if site["infer"].get("is_auxiliary") and name.startswith("_Auto"):
         return (f"{where} is the one vector into which a Pyro AutoContinuous guide (AutoDiagonalNormal, "
                 f"AutoMultivariateNormal, AutoLowRankMultivariateNormal, ...) packs the latents of the whole batch, "
-                f"so it has no density per datapoint. Fix: use AutoNormal or AutoDelta (one site per latent, inside "
-                f"the model's plates) or a vi_lab guide (vi_lab.make_guide).")
+                f"so it has no density per datapoint. Fix: use an amortized guide (vi_lab.make_guide, or one of your own "
+                f"with its sites inside the data plate); Pyro's AutoNormal/AutoDelta keep a site per latent but, "
+                f"not amortized, train only on the whole data as one batch.")
     if len(event_shape) >= 2 and event_shape[0] == batch:  # (B, D) reinterpreted whole: the batch folded in
         return (f"{where} holds the data batch of {batch} in its event shape, so its log-density is one sum over "
                 f"the whole batch instead of one number per datapoint (the ELBO comes out about {batch} times too "

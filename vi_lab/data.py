@@ -625,9 +625,13 @@ def binarize(
     if mode in ("static", "threshold"):  # once per dataset; dynamic (per batch) is checked by fit, once
         check_unit_interval(x, "x", mode)
     if mode == "dynamic":
-        if generator is not None and generator.device != x.device:  # drawn where the generator is
-            return torch.bernoulli(x.to(generator.device), generator=generator).to(x.device)
-        return torch.bernoulli(x, generator=generator)
+        try:
+            if generator is not None and generator.device != x.device:  # drawn where the generator is
+                return torch.bernoulli(x.to(generator.device), generator=generator).to(x.device)
+            return torch.bernoulli(x, generator=generator)
+        except RuntimeError:  # torch's "p_in >= 0 && p_in <= 1": say what is wrong with x instead
+            check_unit_interval(x, "x", mode)
+            raise
     if mode == "static":
         if generator is not None:
             raise ValueError("binarize(mode='static') is seeded by `seed`; do not pass a generator")

@@ -15,6 +15,7 @@ import pyro.optim
 import pyro.poutine as poutine
 import torch
 from pyro.infer import SVI, ELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer.autoguide import AutoGuide
 from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
@@ -392,8 +393,15 @@ def fit(
             check_support(pair, eval_x, "eval_data")
         return first
 
+    if isinstance(guide, AutoGuide) and batch_size < x.shape[0]:
+        raise ValueError(
+            f"{type(guide).__name__} is not amortized: it keeps one row of parameters per position in the batch it "
+            f"was first run on, so minibatches of {batch_size} out of {x.shape[0]} datapoints would share rows "
+            f"between different datapoints. Train it on the whole data (batch_size={x.shape[0]}), or use an "
+            f"amortized guide (vi_lab.make_guide).")
     settings = _settings(loss, estimator if isinstance(estimator, str) else est.estimator.label, baseline,
                          num_particles, batch_size, binarize, x)
+    settings.update(lr=lr if optimizer is None else None, seed=seed)  # recorded, free to change on resume
 
     optim = optimizer if optimizer is not None else pyro.optim.Adam({"lr": lr})
     svi = SVI(
@@ -419,14 +427,22 @@ def fit(
         if metrics_path is not None:
             # a crash between the checkpoint and the metrics line, or after a line of an epoch
             # the checkpoint does not hold: the log restarts from what the checkpoint holds
+            # (left alone when it says that already: a finished run may live in a read-only place)
             _write_metrics(metrics_path, history)
     else:
+        before = (ckpt.rng_state(), pyro.get_param_store().get_state())
         pyro.set_rng_seed(seed)
         pyro.clear_param_store()
         # after the seed, so guides that set their parameters on first call (Pyro's autoguides) are
         # seeded; the RNG is then put back so training draws what it drew before the check existed
         rng = ckpt.rng_state()
-        door()
+        try:
+            door()
+        except Exception:
+            ckpt.set_rng_state(before[0])  # refused: the caller's RNG and param store as they were
+            pyro.clear_param_store()
+            pyro.get_param_store().set_state(before[1])
+            raise
         ckpt.set_rng_state(rng)
     if ckpt_path is not None:
         ckpt.remove_temporaries(ckpt_path)  # left by a process killed mid-write
@@ -499,6 +515,8 @@ def _refuse_existing_run(ckpt_path: Path | None, metrics_path: Path | None) -> N
 
 def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     text = "".join(json.dumps(r) + "\n" for r in history)
+    if path.is_file() and path.read_text() == text:
+        return
     ckpt.write_text_atomic(path, text, what="metrics log")
 
 

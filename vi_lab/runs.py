@@ -8,6 +8,7 @@ settings and in minutes with the defaults.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import datetime as _dt
@@ -138,6 +139,8 @@ def out_dir(out: str | None, resume: str | None = None, *, overwrite: bool = Fal
     ``--out`` branches it: that directory is a new run's and must be empty too.
     """
     source = resumed_dir(resume)
+    if source is not None and not source.is_dir():
+        raise SystemExit(f"error: nothing to resume at {resume}: no such run directory (or last.pt)")
     path = Path(out) if out else source if source is not None else \
         Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     in_place = source is not None and path.resolve() == source.resolve()
@@ -145,7 +148,9 @@ def out_dir(out: str | None, resume: str | None = None, *, overwrite: bool = Fal
         raise SystemExit("error: --resume continues a run and --overwrite replaces it; pass one of them")
     if path.exists() and not path.is_dir():
         raise SystemExit(f"error: --out {path} is a file, not a directory")
-    held = sorted(p.name for p in path.iterdir() if p.name != CONFIG_NAME) if path.is_dir() else []
+    if path.is_dir() and (path / LOCK_NAME).is_file():
+        _lock(path)  # refuses while another live process writes there (a stale lock is taken over)
+    held = sorted(p.name for p in path.iterdir() if p.name not in (CONFIG_NAME, LOCK_NAME)) if path.is_dir() else []
     if held and not (in_place or reuse):
         if not overwrite:
             shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
@@ -155,7 +160,52 @@ def out_dir(out: str | None, resume: str | None = None, *, overwrite: bool = Fal
         for name in RUN_FILES:
             (path / name).unlink(missing_ok=True)
     path.mkdir(parents=True, exist_ok=True)
+    _lock(path)
     return path
+
+
+#: held by the process writing into a run directory (its pid), removed when it exits
+LOCK_NAME = ".vi_lab.lock"
+
+
+def _lock(path: Path) -> None:
+    """Claim ``path`` for this process, so two runs never write into one directory at once.
+
+    The lock file holds the owner's pid; one left by a process that died (kill -9) is stale
+    and taken over. Removed at exit. (One machine: a pid means nothing on another host.)
+    """
+    lock = path / LOCK_NAME
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner == os.getpid():
+                return  # ours already
+            if owner and _alive(owner):
+                raise SystemExit(f"error: another run (pid {owner}) is writing into {path}; wait for it to "
+                                 f"finish or choose another --out") from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(lambda: lock.unlink(missing_ok=True) if lock.is_file() and
+                        lock.read_text().strip() == str(os.getpid()) else None)
+        return
+    raise SystemExit(f"error: could not claim {path} for this run (lock file {lock})")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 def _flag(field_name: str) -> str:
@@ -182,7 +232,11 @@ def record_config(out: Path, cfg: Any, resume: str | None = None) -> None:
     source = resumed_dir(resume)
     earlier = source / CONFIG_NAME if source is not None else None
     if earlier is not None and earlier.is_file():
-        then = json.loads(earlier.read_text())["config"]
+        try:
+            then = json.loads(earlier.read_text())["config"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise SystemExit(f"error: cannot resume {source}: its {CONFIG_NAME} is not readable ({err}); restore it "
+                             f"or start a new run") from None
         changed = [k for k in now if k not in RESUMABLE and k in then and then[k] != now[k]]
         if changed:
             what = "; ".join(f"{_flag(k)} was {then[k]!r}, now {now[k]!r}" for k in changed)
@@ -270,9 +324,21 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except USER_ERRORS as err:
-        if os.environ.get("VI_LAB_TRACEBACK"):
+        if os.environ.get("VI_LAB_TRACEBACK") or not _ours(err):
             raise
         raise SystemExit(f"error: {err}") from None
+
+
+def _ours(err: BaseException) -> bool:
+    """Whether vi_lab (or an example) raised ``err`` itself; a ValueError from inside torch or
+    Pyro is more likely a bug than bad input, and keeps its traceback."""
+    if not isinstance(err, ValueError) or isinstance(err, (ContractError, CheckpointError)):
+        return True
+    tb = err.__traceback__
+    last = None
+    while tb is not None:
+        last, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    return last is not None and (last.startswith(str(Path(__file__).parent)) or "examples" in Path(last).parts)
 
 
 def format_table(rows: list[tuple[Any, ...]]) -> str:

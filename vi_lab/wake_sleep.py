@@ -43,7 +43,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vi_lab import evaluate
-from vi_lab.data import DeviceBatches, binarize as binarize_fn
+from vi_lab.contract import check_data, check_row_shape
+from vi_lab.data import BINARIZATIONS, DeviceBatches, binarize as binarize_fn, check_unit_interval
 from vi_lab.device import resolve_device
 from vi_lab.infer import FitResult, TrainingDiverged, data_tensors, make_loss, training_objective
 
@@ -258,7 +259,7 @@ def fit_wake_sleep(
     guide_lr: float | None = None,
     device: str | torch.device | None = None,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool | str = True,
     binarize: str = "none",
     eval_data: Any = None,
     eval_samples: int = 1,
@@ -283,7 +284,8 @@ def fit_wake_sleep(
     :param guide_lr: recognition network learning rate.
     :param device: ``None`` keeps the data's device, ``"auto"`` picks ``cuda`` when available, or a device.
     :param seed: seeds Pyro/torch at the start.
-    :param progress: show a tqdm bar.
+    :param progress: ``True``: a tqdm bar and a line per recorded point; ``"epochs"``: the
+        lines only; ``False``: nothing.
     :param binarize: per-batch binarization mode (``"dynamic"`` resamples every batch).
     :param eval_data: held-out data (tensor or ``(x, extra)``), in the training format;
         its ELBO (``eval_samples`` draws, true ELBO) is recorded as ``test_elbo``.
@@ -316,12 +318,17 @@ def fit_wake_sleep(
                          "apply to objective='aevb' only; build the model with beta=1")
     model_params, guide_params = _params(model, "model"), _params(guide, "guide")
     x, extra = data_tensors(data)
+    check_data(x, "data")  # all of it, before batching hides a row's position or a missing batch dimension
+    check_row_shape(model, guide, x, "data")
+    if binarize in BINARIZATIONS and binarize != "none":
+        check_unit_interval(x, "data", binarize)
     dev = resolve_device(device, x)
     x, extra = x.to(dev), (extra.to(dev) if extra is not None else None)
     model.to(dev)
     guide.to(dev)
     if eval_data is not None:
         eval_x, eval_extra = data_tensors(eval_data)
+        check_data(eval_x, "eval_data")
         eval_x = eval_x.to(dev)
         if binarize != "none":  # held-out data fixed across evaluations, as in fit()
             eval_x = binarize_fn(eval_x, "static" if binarize == "dynamic" else binarize)
@@ -348,7 +355,7 @@ def fit_wake_sleep(
     for epoch in range(1, epochs + 1):
         model.train()
         guide.train()
-        bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
+        bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", disable=progress is not True, leave=False)
         t0 = time.perf_counter()
         for step, batch in enumerate(bar, start=1):
             args = batch if isinstance(batch, tuple) else (batch,)

@@ -121,3 +121,4 @@ def test_autoencoders_example_runs(tmp_path, example_args):
     for name in ("random_latents.png", "reconstructions.png", "metrics.json"):
         assert (out / name).stat().st_size > 0, name
     assert "Frechet distance" in proc.stdout
+    assert "epoch 1: train loss" in proc.stdout  # --no-progress keeps a line per epoch

@@ -127,3 +127,4 @@ def test_cvae_example_runs(tmp_path, example_args):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("metrics.json", "class_grid.png", "digits.png", "latent_scatter.png", "curves.png"):
         assert (out / name).stat().st_size > 0, name
+    assert "epoch 1: train ELBO" in proc.stdout  # --no-progress keeps fit's line per epoch

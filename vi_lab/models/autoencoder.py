@@ -213,7 +213,7 @@ def fit_autoencoder(
     seed: int = 0,
     binarize: str = "none",
     eval_data: torch.Tensor | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
 ) -> list[dict[str, Any]]:
     """Train an autoencoder with Adam on its reconstruction loss (mean over the batch).
 
@@ -226,7 +226,8 @@ def fit_autoencoder(
     :param seed: seeds torch at the start.
     :param binarize: per-batch binarization (``"dynamic"`` as for the VAE).
     :param eval_data: held-out images, in the training format; their loss is recorded.
-    :param progress: show a tqdm bar.
+    :param progress: ``True``: a tqdm bar and one line per epoch; ``"epochs"``: the lines only;
+        ``False``: nothing.
     :returns: history, one dict per epoch: ``epoch``, ``train_loss`` and ``test_loss``
         (per image, summed over pixels: nats for ``bce`` on binary images), ``seconds``.
 
@@ -249,7 +250,7 @@ def fit_autoencoder(
     for epoch in range(1, epochs + 1):
         ae.train()
         t0, total, seen = time.perf_counter(), 0.0, 0
-        for batch in tqdm(batches, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False):
+        for batch in tqdm(batches, desc=f"epoch {epoch}/{epochs}", disable=progress is not True, leave=False):
             loss = ae.loss(batch).mean()
             opt.zero_grad()
             loss.backward()
@@ -259,5 +260,8 @@ def fit_autoencoder(
         if eval_data is not None:
             record["test_loss"] = reconstruction_loss(ae, eval_data.to(dev)).mean().item()
         history.append(record)
+        if progress:
+            tail = f", test loss {record['test_loss']:.2f}" if "test_loss" in record else ""
+            tqdm.write(f"epoch {epoch}: train loss {record['train_loss']:.2f}{tail} ({record['seconds']:.1f} s)")
     ae.eval()
     return history
