@@ -376,12 +376,8 @@ def fit(
     if not resume:
         _refuse_existing_run(ckpt_path, metrics_path)
 
-    bad = [f"{type(m).__name__}.{n}" for m in _modules(model, guide) for n, p in m.named_parameters()
-           if not bool(torch.isfinite(p).all())]
-    if bad:
-        raise ValueError(f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or infinite values before "
-                         f"training: the model or guide comes broken (e.g. from a diverged run); build them afresh "
-                         f"or load finite weights")
+    _refuse_untrainable(model, guide, batch_size, x.shape[0])
+
     def door() -> tuple:
         """The contract, once, on a batch as the steps see it; returns that batch's arguments."""
         x0 = transform(x[:batch_size]) if transform is not None else x[:batch_size]
@@ -393,12 +389,6 @@ def fit(
             check_support(pair, eval_x, "eval_data")
         return first
 
-    if isinstance(guide, AutoGuide) and batch_size < x.shape[0]:
-        raise ValueError(
-            f"{type(guide).__name__} is not amortized: it keeps one row of parameters per position in the batch it "
-            f"was first run on, so minibatches of {batch_size} out of {x.shape[0]} datapoints would share rows "
-            f"between different datapoints. Train it on the whole data (batch_size={x.shape[0]}), or use an "
-            f"amortized guide (vi_lab.make_guide).")
     settings = _settings(loss, estimator if isinstance(estimator, str) else est.estimator.label, baseline,
                          num_particles, batch_size, binarize, x)
     settings.update(lr=lr if optimizer is None else None, seed=seed)  # recorded, free to change on resume
@@ -501,6 +491,23 @@ def fit(
         m.eval()
     written = ckpt_path if ckpt_path is not None and ckpt_path.is_file() else None  # none after 0 epochs
     return FitResult(history=history, device=str(dev), checkpoint=written, metrics_path=metrics_path)
+
+
+def _refuse_untrainable(model, guide, batch_size: int, num_data: int) -> None:
+    """Refuse, before anything runs, a pair whose parameters are not finite or a non-amortized
+    Pyro autoguide on minibatches (its rows belong to batch positions, not datapoints)."""
+    bad = [f"{type(m).__name__}.{n}" for m in _modules(model, guide) for n, p in m.named_parameters()
+           if not p.is_meta and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ValueError(f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or infinite values before "
+                         f"training: the model or guide comes broken (e.g. from a diverged run); build them afresh "
+                         f"or load finite weights")
+    if isinstance(guide, AutoGuide) and batch_size < num_data:
+        raise ValueError(
+            f"{type(guide).__name__} is not amortized: it keeps one row of parameters per position in the batch it "
+            f"was first run on, so minibatches of {batch_size} out of {num_data} datapoints would share rows "
+            f"between different datapoints. Train it on the whole data (batch_size={num_data}), or use an "
+            f"amortized guide (vi_lab.make_guide).")
 
 
 def _refuse_existing_run(ckpt_path: Path | None, metrics_path: Path | None) -> None:
