@@ -46,6 +46,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from torch import nn
 
 from vi_lab.contract import check_pair
+from vi_lab.objectives import make_loss, training_objective
 from vi_lab.nets import MLP
 
 #: Pyro's name for the decaying-average state of a baseline at site ``<name>``
@@ -555,8 +556,6 @@ def prepare(
                          f"not {est.name!r}")
     spec = est.spec
     if spec.objective is None:
-        from vi_lab.infer import make_loss  # infer imports this module
-
         elbo = make_loss(loss, num_particles)
     else:
         if not (isinstance(loss, str) and loss == "trace"):
@@ -760,7 +759,6 @@ def gradient_stats(
 def _draw(model, guide, x, args, kwargs, estimator, num_draws, seed, groups, warmup, warmup_data, baseline_lr,
           keep_samples):
     """The loop of :func:`gradient_stats`: running sums of the draws per group."""
-    from vi_lab.infer import training_objective
 
     store = pyro.get_param_store()
     prepared = estimator if isinstance(estimator, PreparedEstimator) else prepare(
@@ -826,7 +824,7 @@ def _zero_grads(store) -> None:
 
 def stats_table(stats: dict[str, dict[str, GradientStats]], reference: dict[str, torch.Tensor] | None = None
                 ) -> list[tuple]:
-    """Rows for :func:`vi_lab.runs.format_table`: estimator, group, ||mean||, variance, SNR.
+    """Rows for :func:`vi_lab.reporting.format_table`: estimator, group, ||mean||, variance, SNR.
 
     :param stats: ``{estimator label: gradient_stats(...)}``.
     :param reference: ``{group: reference gradient}`` (exact, or the mean of the least

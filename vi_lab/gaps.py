@@ -43,7 +43,7 @@ from vi_lab import evaluate
 from vi_lab.contract import check_pair
 from vi_lab.guides import GUIDES
 from vi_lab.guides.local import LOCAL_GUIDES, LocalFit, LocalGuide, make_local_guide, optimize_local
-from vi_lab.runs import format_table, write_json
+from vi_lab.reporting import format_table, write_json
 
 #: k-hat above which PSIS (and plain importance sampling) estimates are unreliable
 KHAT_THRESHOLD = 0.7

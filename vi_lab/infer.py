@@ -12,11 +12,9 @@ from typing import Any, Callable
 
 import pyro
 import pyro.optim
-import pyro.poutine as poutine
 import torch
-from pyro.infer import SVI, ELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer import SVI, ELBO, TraceEnum_ELBO
 from pyro.infer.autoguide import AutoGuide
-from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
 from vi_lab import checkpoint as ckpt
@@ -25,13 +23,7 @@ from vi_lab.contract import check_data, check_pair, check_row_shape, check_suppo
 from vi_lab.data import BINARIZATIONS, DeviceBatches, binarize as binarize_fn, check_unit_interval
 from vi_lab.device import resolve_device
 from vi_lab.estimators import Estimator, prepare as prepare_estimator
-
-#: loss names accepted by :func:`fit`; any ``pyro.infer.ELBO`` instance is accepted too
-LOSSES: dict[str, Callable[[int], ELBO]] = {
-    "trace": lambda n: Trace_ELBO(num_particles=n, vectorize_particles=n > 1),
-    "meanfield": lambda n: TraceMeanField_ELBO(num_particles=n, vectorize_particles=n > 1),
-    "tracegraph": lambda n: TraceGraph_ELBO(num_particles=n, vectorize_particles=n > 1),
-}
+from vi_lab.objectives import LOSSES, make_loss, training_objective  # noqa: F401 (re-exported: vi_lab.infer.LOSSES)
 
 CHECKPOINT_NAME = "last.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -91,45 +83,6 @@ class FitResult:
     def seconds_per_epoch(self) -> float:
         secs = [h["seconds"] for h in self.history]
         return sum(secs) / len(secs) if secs else float("nan")
-
-
-class _SiteScale(Messenger):
-    """Multiply the scale of named sample sites (beta of a beta-VAE on ``z``)."""
-
-    def __init__(self, scales: dict[str, float]) -> None:
-        super().__init__()
-        self.scales = scales
-
-    def _process_message(self, msg: dict) -> None:
-        if msg["type"] == "sample" and msg["name"] in self.scales:
-            msg["scale"] = msg["scale"] * self.scales[msg["name"]]
-
-
-def training_objective(fn: Callable, site_scales: dict[str, float] | None = None) -> Callable:
-    """Wrap a model or guide so its loss is per datapoint and declared site scales apply.
-
-    Scaling every site by ``1 / batch_size`` makes Pyro's loss the mean -ELBO of the
-    batch, so the number :func:`fit` reports is in nats per datapoint whatever the
-    batch size; ``site_scales`` (from ``model.site_scales``) go to model and guide alike
-    so that a scaled latent site scales the whole KL term.
-    """
-    scales = dict(site_scales or {})
-
-    def wrapped(x, *args, **kwargs):
-        with poutine.scale(scale=1.0 / x.shape[0]), _SiteScale(scales):
-            return fn(x, *args, **kwargs)
-
-    return wrapped
-
-
-def make_loss(loss: str | ELBO, num_particles: int = 1) -> ELBO:
-    """Resolve a loss name in :data:`LOSSES` (or pass an ELBO instance through)."""
-    if isinstance(loss, ELBO):
-        return loss
-    try:
-        return LOSSES[loss](num_particles)
-    except KeyError:
-        raise ValueError(f"unknown loss {loss!r}; valid: {sorted(LOSSES)} or a pyro.infer.ELBO instance") from None
 
 
 def data_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -27,6 +27,7 @@ from vi_lab.contract import ContractError
 from vi_lab.data import DATASETS, binarize, load_dataset
 from vi_lab.device import pick_device
 from vi_lab.infer import TrainingDiverged
+from vi_lab.reporting import format_table, write_json  # noqa: F401 (the examples' runs.format_table)
 
 
 @dataclass(frozen=True)
@@ -341,22 +342,6 @@ def _ours(err: BaseException) -> bool:
     return last is not None and (last.startswith(str(Path(__file__).parent)) or "examples" in Path(last).parts)
 
 
-def format_table(rows: list[tuple[Any, ...]]) -> str:
-    """Left-aligned text table; the first row is the header."""
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells if i < len(r)) for i in range(max(map(len, cells)))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def command_line() -> str:
     """The command that started this process, for provenance in JSON outputs."""
     return " ".join(["python", *sys.argv]) if sys.argv and sys.argv[0] else ""
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON (non-JSON values as strings)."""
-    path = Path(path)
-    path.write_text(json.dumps(obj, indent=2, default=str))
-    return path

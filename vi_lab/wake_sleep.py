@@ -46,7 +46,8 @@ from vi_lab import evaluate
 from vi_lab.contract import check_data, check_row_shape
 from vi_lab.data import BINARIZATIONS, DeviceBatches, binarize as binarize_fn, check_unit_interval
 from vi_lab.device import resolve_device
-from vi_lab.infer import FitResult, TrainingDiverged, data_tensors, make_loss, training_objective
+from vi_lab.infer import FitResult, TrainingDiverged, data_tensors
+from vi_lab.objectives import make_loss, training_objective
 
 
 class PhaseLosses(NamedTuple):
@@ -188,7 +189,7 @@ class AEVB:
     """Auto-encoding variational Bayes: one ELBO, reparameterized gradients, both networks.
 
     Runs Pyro's ELBO (``Trace_ELBO`` by default) on the per-datapoint objective of
-    :func:`vi_lab.infer.training_objective`, so beta (``model.site_scales``) applies as
+    :func:`vi_lab.objectives.training_objective`, so beta (``model.site_scales``) applies as
     in :func:`vi_lab.fit`.
 
     :param loss: ``"trace"`` or ``"meanfield"`` (an ELBO with ``differentiable_loss``).

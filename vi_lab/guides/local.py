@@ -19,6 +19,7 @@ from pyro.infer import SVI, ELBO, Trace_ELBO
 from torch import nn
 
 from vi_lab.contract import check_pair
+from vi_lab.objectives import training_objective
 from vi_lab.device import check_modules_on
 from vi_lab.guides.full_cov import LocalFullCov
 from vi_lab.guides.local_base import MIN_SCALE, LocalGuide, inv_softplus, moments
@@ -161,8 +162,6 @@ def optimize_local(
     :param tol: convergence threshold in nats per datapoint.
     :returns: :class:`LocalFit`.
     """
-    from vi_lab.infer import training_objective  # deferred: infer imports the guides package
-
     check_modules_on(x, model, guide)
     check_pair(model, guide, x, *args, **kwargs)  # before Pyro's own checks, which name no fix
     elbo = loss or Trace_ELBO(num_particles=num_particles, vectorize_particles=True)
