@@ -234,6 +234,8 @@ def test_binarizing_data_outside_the_unit_interval_is_named(data, device):
         binarize(data * 2 - 1, "threshold")
     with pytest.raises(ValueError, match=r"binarize='dynamic' reads x .* \[0, 255\]"):
         binarize(data.cpu() * 255, "dynamic")
+    with pytest.raises(ValueError, match=r"binarize='static' reads x .* \[0, 255\]"):
+        binarize(data.cpu() * 255, "static")
 
 
 def test_wake_sleep_divergence_names_the_loss(data, device):

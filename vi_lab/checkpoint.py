@@ -14,7 +14,7 @@ import random
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -79,12 +79,17 @@ def describe_os_error(err: BaseException) -> str:
     torch reports a failed write as a RuntimeError about zip positions and chains the
     OSError that says why; this digs the OSError out.
     """
-    seen = err
-    while seen is not None:
+    for seen in _chain(err):
         if isinstance(seen, OSError) and seen.strerror:
             return f"{seen.strerror} (errno {seen.errno})"
-        seen = seen.__cause__ or seen.__context__
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def _chain(err: BaseException | None) -> Iterator[BaseException]:
+    """``err`` and the exceptions it was raised from or during, innermost last."""
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
 
 
 def remove_temporaries(path: str | Path) -> list[Path]:
@@ -117,19 +122,11 @@ def _write_atomic(path: Path, write: Any, what: str) -> Path:
     except BaseException as err:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(err, Exception) and _has_os_error(err):
+        if isinstance(err, Exception) and any(isinstance(e, OSError) for e in _chain(err)):
             kept = "the previous one is intact" if path.exists() else "there was no previous one"
             raise CheckpointWriteError(f"could not write {what} {path}: {describe_os_error(err)}; {kept}") from err
         raise
     return path
-
-
-def _has_os_error(err: BaseException | None) -> bool:
-    while err is not None:
-        if isinstance(err, OSError):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
 
 
 def write_text_atomic(path: str | Path, text: str, what: str = "file") -> Path:

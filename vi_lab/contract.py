@@ -250,8 +250,8 @@ def _observes(value: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether an observed site's value is the traced batch ``x`` itself (maybe reshaped per row)."""
     if value.dim() < 1 or value.shape[0] != x.shape[0] or value.numel() != x.numel() or value.is_meta:
         return False
-    return bool(torch.equal(value.reshape(x.shape[0], -1), x.reshape(x.shape[0], -1).to(value.dtype))) and \
-        bool(torch.equal(value.reshape(x.shape[0], -1).to(x.dtype), x.reshape(x.shape[0], -1)))
+    # compared in float64, where both sides are exact: a label 3 observed beside data 3.7 is not x
+    return bool(torch.equal(value.reshape(x.shape[0], -1).double(), x.reshape(x.shape[0], -1).double()))
 
 
 def check_support(pair: PairCheck, x: torch.Tensor, what: str = "x") -> None:

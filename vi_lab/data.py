@@ -622,24 +622,14 @@ def binarize(
         >>> xb = binarize(ds.images, "static", seed=0)  # doctest: +SKIP
         >>> batches = DeviceBatches(ds.images, 100, transform=lambda b: binarize(b, "dynamic"))  # doctest: +SKIP
     """
-    if mode in ("static", "threshold"):  # once per dataset; dynamic (per batch) is checked by fit, once
-        check_unit_interval(x, "x", mode)
-    if mode == "dynamic":
+    if mode in ("dynamic", "static"):
         try:
-            if generator is not None and generator.device != x.device:  # drawn where the generator is
-                return torch.bernoulli(x.to(generator.device), generator=generator).to(x.device)
-            return torch.bernoulli(x, generator=generator)
+            return _bernoulli_draw(x, mode, seed, generator)
         except RuntimeError:  # torch's "p_in >= 0 && p_in <= 1": say what is wrong with x instead
             check_unit_interval(x, "x", mode)
             raise
-    if mode == "static":
-        if generator is not None:
-            raise ValueError("binarize(mode='static') is seeded by `seed`; do not pass a generator")
-        # drawn on the CPU whatever x's device: a held-out set is the same on a GPU, so a run
-        # resumed on another device keeps evaluating the same binary images
-        fixed = torch.Generator().manual_seed(seed)
-        return torch.bernoulli(x.to("cpu"), generator=fixed).to(x.device)
     if mode == "threshold":
+        check_unit_interval(x, "x", mode)  # x > 0.5 accepts any values: check them
         dtype = x.dtype if x.is_floating_point() else torch.float32
         return (x > 0.5).to(dtype)
     if mode == "none":
@@ -647,6 +637,20 @@ def binarize(
     raise ValueError(
         f"unknown binarization {mode!r}; valid modes: {', '.join(map(repr, BINARIZATIONS))}"
     )
+
+
+def _bernoulli_draw(x: torch.Tensor, mode: str, seed: int, generator: torch.Generator | None) -> torch.Tensor:
+    """The two Bernoulli modes of :func:`binarize`."""
+    if mode == "dynamic":
+        if generator is not None and generator.device != x.device:  # drawn where the generator is
+            return torch.bernoulli(x.to(generator.device), generator=generator).to(x.device)
+        return torch.bernoulli(x, generator=generator)
+    if generator is not None:
+        raise ValueError("binarize(mode='static') is seeded by `seed`; do not pass a generator")
+    # drawn on the CPU whatever x's device: a held-out set is the same on a GPU, so a run
+    # resumed on another device keeps evaluating the same binary images
+    fixed = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(x.to("cpu"), generator=fixed).to(x.device)
 
 
 # ----------------------------------------------------------------------- batches

@@ -416,7 +416,7 @@ def fit(
             if reference is None:  # the loss before this run's first update
                 reference = step_loss
             bar.set_postfix(elbo=f"{total / seen:.2f}")
-        if not _all_params_finite(model, guide):
+        if _non_finite(model, guide, store=True):
             raise TrainingDiverged("a parameter became NaN or infinite", epoch, len(batches), len(batches),
                                    ckpt_path)
         # CPU seconds beside wall seconds: on a shared machine wall time alone misleads
@@ -449,8 +449,7 @@ def fit(
 def _refuse_untrainable(model, guide, batch_size: int, num_data: int) -> None:
     """Refuse, before anything runs, a pair whose parameters are not finite or a non-amortized
     Pyro autoguide on minibatches (its rows belong to batch positions, not datapoints)."""
-    bad = [f"{type(m).__name__}.{n}" for m in _modules(model, guide) for n, p in m.named_parameters()
-           if not p.is_meta and not bool(torch.isfinite(p).all())]
+    bad = _non_finite(model, guide)
     if bad:
         raise ValueError(f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or infinite values before "
                          f"training: the model or guide comes broken (e.g. from a diverged run); build them afresh "
@@ -491,7 +490,7 @@ def _append_metrics(path: Path, record: dict[str, Any]) -> None:
 
 def _divergence(err: ValueError, model, guide, trained: bool) -> str | None:
     """Why a ValueError from a step is divergence, or None when it is not (a bug to re-raise)."""
-    if not _all_params_finite(model, guide):
+    if _non_finite(model, guide, store=True):
         return "a parameter became NaN or infinite"
     text = str(err)
     # with validation on, parameters that overflowed surface as a distribution's invalid
@@ -519,10 +518,12 @@ def _warn_if_exploding(record: dict[str, Any], reference: float | None, history:
         record["unstable"] = True
 
 
-def _all_params_finite(*objs: Any) -> bool:
-    tensors = [p for m in _modules(*objs) for p in m.parameters()]
-    tensors += [v for v in pyro.get_param_store().values()]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+def _non_finite(*objs: Any, store: bool = False) -> list[str]:
+    """Names of the modules' parameters (and with ``store``, Pyro's params) holding NaN or inf."""
+    named = [(f"{type(m).__name__}.{n}", p) for m in _modules(*objs) for n, p in m.named_parameters()]
+    if store:
+        named += list(pyro.get_param_store().items())
+    return [name for name, t in named if not t.is_meta and not bool(torch.isfinite(t).all())]
 
 
 def _eval_binarized(x: torch.Tensor, mode: str) -> torch.Tensor:
