@@ -28,7 +28,8 @@ import torch
 
 import vi_lab
 from vi_lab import evaluate, runs, viz
-from vi_lab.models.cvae import CVAE, class_agreement, make_conditional_guide, train_classifier
+from vi_lab.guides.conditional import make_conditional_guide
+from vi_lab.models.cvae import CVAE, class_agreement, train_classifier
 
 
 @dataclass(frozen=True)

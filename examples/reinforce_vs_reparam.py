@@ -46,7 +46,8 @@ import vi_lab  # noqa: E402
 from vi_lab import evaluate, runs, viz  # noqa: E402
 from vi_lab.data import binarize  # noqa: E402
 from vi_lab.estimators import Estimator, gradient_stats, stats_table  # noqa: E402
-from vi_lab.models.discrete import BernoulliGuide, CategoricalGuide, CategoricalVAE, SigmoidBeliefVAE  # noqa: E402
+from vi_lab.guides import BernoulliGuide, CategoricalGuide  # noqa: E402
+from vi_lab.models.discrete import CategoricalVAE, SigmoidBeliefVAE  # noqa: E402
 
 UNITS = "nats per datapoint (higher is better)"
 

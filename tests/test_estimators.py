@@ -26,8 +26,8 @@ from vi_lab import estimators
 from vi_lab.estimators import (
     ESTIMATORS, Estimator, ScoredDistribution, StraightThrough, gradient_stats, prepare, without_rsample,
 )
-from vi_lab.guides import make_guide
-from vi_lab.models.discrete import BernoulliGuide, CategoricalGuide, CategoricalVAE, SigmoidBeliefVAE
+from vi_lab.guides import BernoulliGuide, CategoricalGuide, make_guide
+from vi_lab.models.discrete import CategoricalVAE, SigmoidBeliefVAE
 
 ROOT = Path(__file__).resolve().parents[1]
 X, M0, S0 = 2.0, 0.0, 0.5

@@ -269,7 +269,7 @@ class RequireEnumerable(Messenger):
             raise ValueError(
                 f"estimator 'enum' needs guide sites with an enumerable support, but site {msg['name']!r} "
                 f"is {type(msg['fn']).__name__}; use a categorical latent or a few binary units "
-                "(vi_lab.models.discrete.BinaryVector)")
+                "(vi_lab.guides.discrete.BinaryVector)")
 
 
 # ---------------------------------------------------------------------------

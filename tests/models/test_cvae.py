@@ -14,14 +14,9 @@ import torch
 
 from vi_lab import evaluate, fit, runs
 from vi_lab.guides import make_guide
-from vi_lab.models.cvae import (
-    CVAE,
-    ConditionalGuide,
-    class_agreement,
-    make_conditional_guide,
-    one_hot,
-    train_classifier,
-)
+from vi_lab.guides.conditional import ConditionalGuide, make_conditional_guide
+from vi_lab.labels import one_hot
+from vi_lab.models.cvae import CVAE, class_agreement, train_classifier
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,9 +11,8 @@ from pyro.infer import TraceEnum_ELBO
 import vi_lab
 from vi_lab import evaluate
 from vi_lab.infer import training_objective
-from vi_lab.models.discrete import (
-    MAX_ENUM_BITS, BernoulliGuide, BinaryVector, CategoricalGuide, CategoricalVAE, SigmoidBeliefVAE,
-)
+from vi_lab.guides.discrete import MAX_ENUM_BITS, BernoulliGuide, BinaryVector, CategoricalGuide
+from vi_lab.models.discrete import CategoricalVAE, SigmoidBeliefVAE
 
 
 def small_sbn(device, units=3):

@@ -15,6 +15,10 @@ name            q(z | x)                                                        
 ``radial``      diagonal Normal + k radial steps                                ``flow_steps`` (8), ``flow_hidden``
 ``mixture``     mixture of m diagonal Normals (MixtureOfDiagNormals)            ``components`` (5)
 ==============  ==============================================================  ======================
+
+Discrete latents have their own guides (:mod:`vi_lab.guides.discrete`:
+:class:`BernoulliGuide`, :class:`CategoricalGuide`), and any family above becomes
+conditional on a class label with :mod:`vi_lab.guides.conditional`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from vi_lab.guides.base import AmortizedGuide
+from vi_lab.guides.discrete import BernoulliGuide, CategoricalGuide
 from vi_lab.guides.flows import FlowGuide, IAFGuide, PlanarGuide, RadialGuide
 from vi_lab.guides.full_cov import FullCovGuide
 from vi_lab.guides.local import LOCAL_GUIDES, LocalGuide, make_local_guide, optimize_local
@@ -95,7 +100,7 @@ def make_guide(
 
 
 __all__ = [
-    "GUIDES", "LOCAL_GUIDES", "AmortizedGuide", "FlowGuide", "FullCovGuide", "IAFGuide", "LocalGuide",
-    "LowRankGuide", "MeanFieldGuide", "MixtureGuide", "PlanarGuide", "RadialGuide", "guide_options",
-    "make_guide", "make_local_guide", "optimize_local",
+    "GUIDES", "LOCAL_GUIDES", "AmortizedGuide", "BernoulliGuide", "CategoricalGuide", "FlowGuide", "FullCovGuide",
+    "IAFGuide", "LocalGuide", "LowRankGuide", "MeanFieldGuide", "MixtureGuide", "PlanarGuide", "RadialGuide",
+    "guide_options", "make_guide", "make_local_guide", "optimize_local",
 ]

@@ -1,17 +1,19 @@
-"""The conditional VAE p(x | z, y) p(z), q(z | x, y), by composition with :class:`VAE` and the guides.
+"""The conditional VAE p(x | z, y) p(z), by composition with :class:`VAE`.
 
 Nothing here re-writes the VAE: :class:`CVAE` *is* a :class:`~vi_lab.models.vae.VAE`
-whose decoder reads ``[z, onehot(y)]`` (the label concatenated to the latent), and
-:class:`ConditionalGuide` wraps any amortized guide so that its posterior reads
-``[x, onehot(y)]``. ``model(x, y)`` and ``guide(x, y)`` keep the data-plate contract,
-so :func:`vi_lab.fit` trains them on ``(images, labels)`` pairs and the evaluators
-take the labels as the extra argument.
+whose decoder reads ``[z, onehot(y)]`` (the label concatenated to the latent). Its
+guide q(z | x, y) is :class:`vi_lab.guides.conditional.ConditionalGuide`, any amortized
+guide reading ``[x, onehot(y)]``. ``model(x, y)`` and ``guide(x, y)`` keep the
+data-plate contract, so :func:`vi_lab.fit` trains them on ``(images, labels)`` pairs
+and the evaluators take the labels as the extra argument.
 
 The module also holds the check that the conditioning is used: a small digit
 classifier trained on real images (:func:`train_classifier`) and the rate at which it
 recognizes class c in samples generated for class c (:func:`class_agreement`).
 
 Example::
+
+    from vi_lab.guides.conditional import make_conditional_guide
 
     model = CVAE(latent_dim=10, hidden=[400])
     guide = make_conditional_guide("mean_field", latent_dim=10, hidden=[400])
@@ -28,45 +30,9 @@ import torch
 from torch import nn
 
 from vi_lab.data import DeviceBatches
-from vi_lab.guides import AmortizedGuide, make_guide
+from vi_lab.labels import concat_label, one_hot
 from vi_lab.models.vae import VAE
 from vi_lab.nets import MLP, make_decoder
-
-
-def one_hot(y: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Integer labels ``(B,)`` to one-hot rows ``(B, num_classes)``, with a clear error for bad labels.
-
-    :param y: integer class labels.
-    :param num_classes: number of classes C.
-    :param dtype: floating type of the result.
-
-    Example::
-
-        one_hot(torch.tensor([2, 0]), 3)  # tensor([[0., 0., 1.], [1., 0., 0.]])
-    """
-    if not torch.is_tensor(y) or y.dim() != 1 or y.is_floating_point():
-        raise ValueError(f"labels must be a 1-D integer tensor (B,), got "
-                         f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}"
-                         f"{' of floats' if torch.is_tensor(y) and y.is_floating_point() else ''}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes - 1}], got values in [{int(y.min())}, {int(y.max())}]")
-    return nn.functional.one_hot(y.long(), num_classes).to(dtype)
-
-
-def concat_label(t: torch.Tensor, y_onehot: torch.Tensor) -> torch.Tensor:
-    """Append one-hot labels ``(B, C)`` to ``t`` of shape ``(..., B, d)``, giving ``(..., B, d + C)``.
-
-    The labels broadcast over ``t``'s leading dimensions (importance particles, dreams).
-
-    :param t: latents or images, batch last but one.
-    :param y_onehot: one row per datapoint of the batch.
-
-    Example::
-
-        concat_label(torch.zeros(5, 4, 2), one_hot(torch.arange(4) % 3, 3)).shape  # (5, 4, 5)
-    """
-    lab = y_onehot.to(t.dtype).expand(*t.shape[:-1], y_onehot.shape[-1])  # (..., B, C)
-    return torch.cat([t, lab], dim=-1)
 
 
 class LabelConditionedDecoder(nn.Module):
@@ -176,57 +142,6 @@ class CVAE(VAE):
         y = torch.arange(n, device=device) % self.num_classes if labels is None else labels.to(device)
         self._check_batch(y, n)
         return self.decode(torch.randn(n, self.latent_dim, device=device), y)
-
-
-class ConditionalGuide(AmortizedGuide):
-    """q(z | x, y): any amortized guide family reading ``[x, onehot(y)]``.
-
-    The wrapped guide's networks are used as they are (shared, not copied), so every
-    family of :data:`vi_lab.guides.GUIDES` becomes conditional; build the base with an
-    input size ``x_dim + num_classes`` (:func:`make_conditional_guide` does).
-
-    :param base: an amortized guide whose encoder reads ``x_dim + num_classes`` features.
-    :param num_classes: C.
-
-    Example::
-
-        guide = ConditionalGuide(make_guide("mean_field", latent_dim=10, x_dim=794), 10)
-        guide.get_posterior(x, y).batch_shape  # (B,)
-    """
-
-    def __init__(self, base: AmortizedGuide, num_classes: int) -> None:
-        super().__init__(base.encoder, base.latent_dim, site=base.site, name=base.name)
-        self.base, self.num_classes = base, num_classes
-
-    def get_posterior(self, x: torch.Tensor, y: torch.Tensor | None = None, *args, **kwargs):
-        if y is None:
-            raise ValueError("a conditional guide is called as guide(x, y): pass the labels")
-        if not torch.is_tensor(y) or y.shape[:1] != x.shape[:1]:
-            raise ValueError(f"labels must have one entry per datapoint, shape ({x.shape[0]},); got "
-                             f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")
-        return self.base.get_posterior(concat_label(x, one_hot(y, self.num_classes, x.dtype)), *args, **kwargs)
-
-
-def make_conditional_guide(name: str, *, latent_dim: int, hidden: int | Sequence[int] = (400,),
-                           num_classes: int = 10, x_dim: int = 784, **family_kwargs) -> ConditionalGuide:
-    """A guide family of :data:`vi_lab.guides.GUIDES` made conditional on a label.
-
-    The label is concatenated to the flattened image, so the encoder is an MLP.
-
-    :param name: guide family, e.g. ``"mean_field"``.
-    :param latent_dim: size of z.
-    :param hidden: encoder hidden widths.
-    :param num_classes: C.
-    :param x_dim: flattened observation size (without the label).
-    :param family_kwargs: family options, passed to :func:`vi_lab.guides.make_guide`.
-
-    Example::
-
-        guide = make_conditional_guide("mean_field", latent_dim=10, hidden=[400])
-    """
-    base = make_guide(name, latent_dim=latent_dim, hidden=hidden, arch="mlp", x_dim=x_dim + num_classes,
-                      **family_kwargs)
-    return ConditionalGuide(base, num_classes)
 
 
 # ------------------------------------------------------- checking the conditioning
