@@ -45,7 +45,8 @@ import torch  # noqa: E402
 import vi_lab  # noqa: E402
 from vi_lab import evaluate, runs, viz  # noqa: E402
 from vi_lab.data import binarize  # noqa: E402
-from vi_lab.estimators import Estimator, gradient_stats, stats_table  # noqa: E402
+from vi_lab.diagnostics import gradient_stats, stats_table  # noqa: E402
+from vi_lab.estimators import Estimator  # noqa: E402
 from vi_lab.guides import BernoulliGuide, CategoricalGuide  # noqa: E402
 from vi_lab.models.discrete import CategoricalVAE, SigmoidBeliefVAE  # noqa: E402
 

@@ -8,7 +8,7 @@ import torch
 import vi_lab
 from vi_lab import evaluate, fit
 from vi_lab.contract import ContractError, check_pair
-from vi_lab.estimators import gradient_stats
+from vi_lab.diagnostics import gradient_stats
 from vi_lab.gaps import inference_gaps, refine
 from vi_lab.guides import make_guide
 from vi_lab.models import VAE

@@ -23,11 +23,12 @@ from torch.distributions import constraints
 
 import vi_lab
 from vi_lab import estimators
-from vi_lab.estimators import (
-    ESTIMATORS, Estimator, ScoredDistribution, StraightThrough, gradient_stats, prepare, without_rsample,
-)
-from vi_lab.guides import BernoulliGuide, CategoricalGuide, make_guide
+from vi_lab.diagnostics import gradient_stats
+from vi_lab.estimators import ESTIMATORS, Estimator, prepare
+from vi_lab.guides import BernoulliGuide, CategoricalGuide, make_guide, make_local_guide
 from vi_lab.models.discrete import CategoricalVAE, SigmoidBeliefVAE
+from vi_lab.relaxed import StraightThrough
+from vi_lab.score_function import ScoredDistribution, ScoreFunction, without_rsample
 
 ROOT = Path(__file__).resolve().parents[1]
 X, M0, S0 = 2.0, 0.0, 0.5
@@ -149,22 +150,41 @@ def test_variance_ordering_with_paired_seeds(device):
     assert var["reparam"] < var["baseline"] < var["reinforce"], var
 
 
-def test_reinforce_by_flag_equals_reinforce_by_messenger(device):
+@pytest.mark.parametrize("family", ["mean_field", "iaf", "local"])
+def test_reinforce_estimator_is_the_score_function_messenger(family, device):
+    """"reinforce" is the guide run under ScoreFunction (the one mechanism), for vi_lab guides too."""
     x = torch.rand(5, 6, device=device).bernoulli()
     model = vi_lab.VAE(2, [4], x_dim=6).to(device)
-    guide = make_guide("mean_field", latent_dim=2, hidden=[4], x_dim=6).to(device)
-    by_flag = gradient_stats(model, guide, x, estimator="reinforce", num_draws=3, seed=2, keep_samples=True)
-    # the messenger path, as used for guides without the flag
-    messenger = estimators.PreparedEstimator(estimators._wrap(guide, lambda a: estimators.ScoreFunction()),
-                                             pyro.infer.Trace_ELBO(), Estimator("reinforce"))
-    by_msg = gradient_stats(model, guide, x, estimator=messenger, num_draws=3, seed=2, keep_samples=True)
+    guide = (make_local_guide("mean_field", num_data=5, latent_dim=2) if family == "local" else
+             make_guide(family, latent_dim=2, hidden=[4], x_dim=6)).to(device)
+    by_name = gradient_stats(model, guide, x, estimator="reinforce", num_draws=3, seed=2, keep_samples=True)
+
+    def scored(*args, **kwargs):
+        with ScoreFunction():
+            return guide(*args, **kwargs)
+
+    by_hand = estimators.PreparedEstimator(scored, pyro.infer.Trace_ELBO(), Estimator("reinforce"))
+    by_msg = gradient_stats(model, guide, x, estimator=by_hand, num_draws=3, seed=2, keep_samples=True)
     reparam = gradient_stats(model, guide, x, estimator="reparam", num_draws=3, seed=2, keep_samples=True)
     for g in ("encoder", "decoder"):
-        assert torch.equal(by_flag[g].samples, by_msg[g].samples)
+        assert torch.equal(by_name[g].samples, by_msg[g].samples)
     # decoder gradients do not depend on how z's gradient is estimated; encoder ones do
-    assert torch.allclose(by_flag["decoder"].samples, reparam["decoder"].samples, atol=1e-5)
-    assert not torch.allclose(by_flag["encoder"].samples, reparam["encoder"].samples, atol=1e-3)
-    assert guide.reparameterized  # the flag is switched for the call only
+    assert torch.allclose(by_name["decoder"].samples, reparam["decoder"].samples, atol=1e-5)
+    assert not torch.allclose(by_name["encoder"].samples, reparam["encoder"].samples, atol=1e-3)
+    with poutine.trace() as tr:  # the guide itself is left as it was: pathwise outside the messenger
+        guide(x)
+    assert tr.trace.nodes["z"]["fn"].has_rsample and tr.trace.nodes["z"]["value"].requires_grad
+
+
+def test_score_function_messenger_scores_a_vi_lab_guide_site(device):
+    x = torch.rand(4, 6, device=device).bernoulli()
+    guide = make_guide("mean_field", latent_dim=2, hidden=[4], x_dim=6).to(device)
+    with poutine.trace() as tr, ScoreFunction():
+        z = guide(x)
+    site = tr.trace.nodes["z"]
+    assert not z.requires_grad and not site["fn"].has_rsample
+    tr.trace.compute_score_parts()
+    assert torch.equal(site["score_parts"].score_function, guide.get_posterior(x).log_prob(z))
 
 
 def test_without_rsample_survives_plate_broadcasting(device):

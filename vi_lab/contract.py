@@ -112,7 +112,7 @@ def check_pair(model: Callable, guide: Callable, x: torch.Tensor, *args, enumera
 
     One trace of the guide and one of the model on ``x`` (no gradients, nothing recorded in
     any outer trace). :func:`vi_lab.fit`, the evaluators, the gap tools and
-    :func:`vi_lab.estimators.gradient_stats` call it before they start.
+    :func:`vi_lab.diagnostics.gradient_stats` call it before they start.
 
     :param model: Pyro model ``model(x, *args, **kwargs)``.
     :param guide: Pyro guide with the same arguments.

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import pytest
 import torch
 from torch.distributions import kl_divergence
@@ -16,6 +17,7 @@ import vi_lab
 from vi_lab import evaluate
 from vi_lab.data import binarize, load_dataset
 from vi_lab.guides import GUIDES, guide_options, make_guide
+from vi_lab.score_function import ScoreFunction, without_rsample
 
 FAMILIES = ["mean_field", "full_cov", "low_rank", "iaf", "planar", "radial", "mixture"]
 FLOWS = ["iaf", "planar", "radial"]
@@ -169,9 +171,25 @@ def test_monte_carlo_kl_to_the_prior_matches_an_independent_estimate(name, x):
 @pytest.mark.parametrize("name", ["planar", "radial"])
 def test_flows_without_an_inverse_refuse_score_function_training(name, x):
     guide = make_guide(name, latent_dim=D, hidden=[16]).to(x.device)
-    guide.reparameterized = False
+    with pytest.raises(NotImplementedError, match=f"{type(guide).__name__} supports reparameterized sampling only"):
+        with ScoreFunction():
+            guide(x)
+    q = guide.get_posterior(x)
     with pytest.raises(NotImplementedError, match="supports reparameterized sampling only"):
-        guide(x)
+        without_rsample(q.expand((2,) + q.batch_shape))  # the declaration survives plate broadcasting
+    with pytest.raises(NotImplementedError, match="supports reparameterized sampling only"):
+        vi_lab.fit(vi_lab.VAE(D, [16]).to(x.device), guide, x.bernoulli(), estimator="reinforce", epochs=1,
+                   progress=False)
+    guide(x)  # pathwise sampling is untouched
+
+
+def test_an_invertible_flow_trains_by_score_function(x):
+    guide = make_guide("iaf", latent_dim=D, hidden=[16]).to(x.device)
+    with poutine.trace() as tr, ScoreFunction():
+        z = guide(x)
+    assert not z.requires_grad and not tr.trace.nodes["z"]["fn"].has_rsample
+    log_q = tr.trace.nodes["z"]["fn"].log_prob(z)  # through the inverse: a fresh tensor, not the cache
+    assert log_q.requires_grad and torch.allclose(log_q, guide.get_posterior(x).log_prob(z.clone()), atol=1e-5)
 
 
 @pytest.fixture(scope="module")

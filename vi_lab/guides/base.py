@@ -14,8 +14,6 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from vi_lab.estimators import without_rsample
-
 
 class AmortizedGuide(nn.Module):
     """Base class: an encoder trunk ``x -> features`` and a family-specific head.
@@ -25,9 +23,9 @@ class AmortizedGuide(nn.Module):
     :param site: name of the latent sample site (must match the model's).
     :param name: prefix of this guide's parameters in Pyro's param store.
 
-    Subclasses implement :meth:`get_posterior`. Setting :attr:`reparameterized` to
-    ``False`` turns the posterior's ``has_rsample`` off, so Pyro's ELBOs take the
-    score-function (REINFORCE) path for the same family instead of pathwise gradients.
+    Subclasses implement :meth:`get_posterior`. Score-function (REINFORCE) training of
+    the same family is the guide run under :class:`vi_lab.score_function.ScoreFunction`
+    (the ``reinforce`` estimators do it), which turns the posterior's ``has_rsample`` off.
     """
 
     def __init__(self, encoder: nn.Module, latent_dim: int, *, site: str = "z", name: str = "guide") -> None:
@@ -36,7 +34,6 @@ class AmortizedGuide(nn.Module):
             raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
         self.encoder, self.latent_dim, self.site, self.name = encoder, latent_dim, site, name
         self.feature_dim = encoder.out_dim
-        self.reparameterized = True
 
     def get_posterior(self, x: torch.Tensor, *args, **kwargs) -> dist.TorchDistribution:
         """Return q(z | x) for a batch: batch shape ``(B,)``, event shape ``(D,)``.
@@ -57,7 +54,4 @@ def sample_posterior(guide: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
     """
     pyro.module(guide.name, guide)
     with pyro.plate("data", x.shape[0]):
-        q = guide.get_posterior(x, *args, **kwargs)
-        if not guide.reparameterized:
-            q = without_rsample(q)  # Independent/flows: switched on their base distribution
-        return pyro.sample(guide.site, q)
+        return pyro.sample(guide.site, guide.get_posterior(x, *args, **kwargs))

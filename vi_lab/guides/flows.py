@@ -13,7 +13,10 @@ amortized like the encoder. Three step types:
 Log-densities come from Pyro's ``TransformedDistribution`` (base log-density minus each
 step's ``log_abs_det_jacobian``). Planar and radial steps have no closed-form inverse:
 a sample is scored through the transform's cache, which is exactly how Pyro's ELBOs and
-the vi_lab evaluators use a guide (sample, then score that same tensor).
+the vi_lab evaluators use a guide (sample, then score that same tensor). Their posterior
+is a :class:`ForwardOnlyFlow`, which declares that a detached draw cannot be scored, so
+score-function (REINFORCE) training of those two families is a clear error
+(:mod:`vi_lab.score_function`).
 """
 
 from __future__ import annotations
@@ -76,6 +79,50 @@ def non_invertible_message(cls_name: str) -> str:
             "score-function gradients")
 
 
+class ForwardOnlyFlow(dist.TransformedDistribution):
+    """A flow whose steps have no inverse: it scores only the draws it made itself (the steps' cache).
+
+    Pathwise training and the evaluators sample and then score the same tensor, which
+    the cache serves. A score-function (REINFORCE) draw is detached, a fresh tensor
+    the cache does not know; the flow declares so in ``score_function_error``, which
+    :func:`vi_lab.score_function.without_rsample` raises instead of returning a
+    log-density without the flow's gradient. The declaration survives Pyro's plate
+    broadcasting (:meth:`expand`).
+
+    :param base_distribution: the base ``N(m, diag(s^2))``.
+    :param transforms: the flow steps.
+    :param reason: the error to raise on score-function use (:func:`non_invertible_message`).
+
+    Example::
+
+        guide = PlanarGuide(make_encoder("mlp", 784, [400]), latent_dim=20)
+        guide.get_posterior(x).rsample()  # pathwise: fine
+        with ScoreFunction():  # vi_lab.score_function
+            guide(x)  # NotImplementedError: PlanarGuide supports reparameterized sampling only ...
+    """
+
+    def __init__(self, base_distribution: dist.TorchDistribution, transforms: list, reason: str,
+                 validate_args: bool | None = None) -> None:
+        super().__init__(base_distribution, transforms, validate_args=validate_args)
+        self.score_function_error = reason
+
+    def expand(self, batch_shape, _instance=None) -> "ForwardOnlyFlow":
+        new = self._get_checked_instance(ForwardOnlyFlow, _instance)
+        new = super().expand(batch_shape, _instance=new)
+        new.score_function_error = self.score_function_error
+        return new
+
+
+def flow_posterior(family: type, base: dist.TorchDistribution, transforms: list) -> dist.TransformedDistribution:
+    """``base`` pushed through ``transforms``: a :class:`ForwardOnlyFlow` unless ``family.invertible``.
+
+    :param family: the guide class (its ``invertible`` flag and its name, for the error).
+    """
+    if getattr(family, "invertible", False):
+        return dist.TransformedDistribution(base, transforms)
+    return ForwardOnlyFlow(base, transforms, non_invertible_message(family.__name__))
+
+
 class FlowGuide(AmortizedGuide):
     """Base of the flow families: a conditional diagonal-Normal base and ``flow_steps`` conditional steps.
 
@@ -90,9 +137,10 @@ class FlowGuide(AmortizedGuide):
 
     Score-function (REINFORCE) training needs ``log q`` of a detached draw with
     gradients, i.e. the flow's inverse: IAF steps have one; planar and radial steps
-    only score the draw they made themselves (their cache), so with
-    ``reparameterized = False`` those two families raise an error instead of returning
-    a log-density without the flow's gradient.
+    only score the draw they made themselves (their cache), so under
+    :class:`vi_lab.score_function.ScoreFunction` those two families raise an error
+    (:class:`ForwardOnlyFlow`) instead of returning a log-density without the flow's
+    gradient.
     """
 
     options: tuple[str, ...] = ("flow_steps", "flow_hidden")
@@ -117,10 +165,9 @@ class FlowGuide(AmortizedGuide):
         raise NotImplementedError
 
     def get_posterior(self, x: torch.Tensor, *args, **kwargs) -> dist.TorchDistribution:
-        if not self.reparameterized and not self.invertible:
-            raise NotImplementedError(non_invertible_message(type(self).__name__))
         h = self.encoder(x)
-        return dist.ConditionalTransformedDistribution(self.base, list(self.flows)).condition(h)
+        # Pyro's ConditionalTransformedDistribution(base, flows).condition(h), with the declaration
+        return flow_posterior(type(self), self.base.condition(h), [step.condition(h) for step in self.flows])
 
 
 class IAFGuide(FlowGuide):

@@ -66,7 +66,6 @@ class LocalGuide(nn.Module):
         if num_data < 1 or latent_dim < 1:
             raise ValueError(f"num_data and latent_dim must be positive, got {num_data}, {latent_dim}")
         self.num_data, self.latent_dim, self.site, self.name = num_data, latent_dim, site, name
-        self.reparameterized = True
 
     def _check(self, x: torch.Tensor) -> None:
         if x.shape[0] != self.num_data:

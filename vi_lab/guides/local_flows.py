@@ -32,7 +32,7 @@ from pyro.nn.auto_reg_nn import ConditionalAutoRegressiveNN, create_mask
 from torch import nn
 from torch.nn.functional import relu, softplus
 
-from vi_lab.guides.flows import non_invertible_message
+from vi_lab.guides.flows import flow_posterior
 from vi_lab.guides.local_base import MIN_SCALE, LocalGuide, inv_softplus, moments
 
 # softplus(alpha) = 1 makes a planar step the identity (u_hat = 0 when u is parallel to w)
@@ -64,7 +64,7 @@ class LocalFlow(LocalGuide):
     """
 
     default_steps: int = 4
-    invertible: bool = False  # see FlowGuide
+    invertible: bool = False  # whether the steps have an inverse (see FlowGuide, ForwardOnlyFlow)
 
     def __init__(self, num_data: int, latent_dim: int, *, flow_steps: int | None = None, **kwargs) -> None:
         super().__init__(num_data, latent_dim, **kwargs)
@@ -80,10 +80,8 @@ class LocalFlow(LocalGuide):
         raise NotImplementedError
 
     def get_posterior(self, x: torch.Tensor, *args, **kwargs) -> dist.TorchDistribution:
-        if not self.reparameterized and not self.invertible:
-            raise NotImplementedError(non_invertible_message(type(self).__name__))
         base = dist.Normal(self.loc, softplus(self.raw_scale) + MIN_SCALE).to_event(1)
-        return dist.TransformedDistribution(base, self.transforms())
+        return flow_posterior(type(self), base, self.transforms())
 
     @classmethod
     def _matches(cls, transform: Any) -> bool:
