@@ -239,23 +239,19 @@ def test_binarizing_data_outside_the_unit_interval_is_named(data, device):
 
 
 def test_wake_sleep_divergence_names_the_loss(data, device):
-    from vi_lab.wake_sleep import fit_wake_sleep
-
     model, guide = pair(device)
     with pytest.raises(TrainingDiverged, match=r"training diverged at epoch \d+, step \d+ of 3: the (model|guide) "
                                                r"loss became (nan|inf|-inf)") as err:
         with pyro.validation_enabled(False):
-            fit_wake_sleep(model, guide, data, epochs=5, batch_size=32, lr=1e20, progress=False)
+            fit(model, guide, data, loss="wake_sleep", epochs=5, batch_size=32, lr=1e20, progress=False)
     assert not err.value.loss == err.value.loss or abs(err.value.loss) == float("inf")
 
 
 def test_wake_sleep_checks_all_the_data_before_training(data, device):
-    from vi_lab.wake_sleep import fit_wake_sleep
-
     model, guide = pair(device)
     bad = data.clone()
     bad[70, 5] = float("nan")
     with pytest.raises(ValueError, match=r"^data holds 1 NaN values in 1 of its 96 rows \(first: row 70\)"):
-        fit_wake_sleep(model, guide, bad, epochs=1, batch_size=32, progress=False)
+        fit(model, guide, bad, loss="wake_sleep", epochs=1, batch_size=32, progress=False)
     with pytest.raises(ValueError, match=r"got data of shape \(784,\); it is one datapoint"):
-        fit_wake_sleep(model, guide, data[0], epochs=1, batch_size=32, progress=False)
+        fit(model, guide, data[0], loss="wake_sleep", epochs=1, batch_size=32, progress=False)

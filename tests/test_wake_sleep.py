@@ -1,5 +1,5 @@
 """Tests for vi_lab.wake_sleep: which data each phase trains on, which network each loss moves,
-agreement with Pyro's ReweightedWakeSleep, and AEVB through the same loop as fit()."""
+agreement with Pyro's ReweightedWakeSleep, and wake-sleep as a loss of the one loop, fit()."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import vi_lab
 from vi_lab import runs
 from vi_lab.guides import MeanFieldGuide
 from vi_lab.models.ppca import PPCA
-from vi_lab.wake_sleep import AEVB, OBJECTIVES, ReweightedWakeSleep, fit_wake_sleep, make_objective
+from vi_lab.infer import adam
+from vi_lab.wake_sleep import ReweightedWakeSleep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +63,7 @@ def test_sleep_phase_learns_the_model_posterior_from_dreams_not_the_data(device)
         for p in guide.parameters():
             p.zero_()
     data = 10 + torch.randn(2000, 2, device=device)
-    fit_wake_sleep(ppca, guide, data, objective="wake_sleep", epochs=5, batch_size=100, lr=0.05, progress=False)
+    vi_lab.fit(ppca, guide, data, loss=ReweightedWakeSleep(1, 0.0), epochs=5, batch_size=100, lr=0.05, progress=False)
     assert torch.allclose(guide.loc.weight, torch.full((1, 2), 1 / 3, device=device), atol=0.08), guide.loc.weight
     x = ppca.sample(2000)
     q, p = guide.get_posterior(x), ppca.posterior(x)
@@ -106,7 +107,7 @@ def test_sleep_phase_feeds_the_guide_dreams_and_the_dreamed_latents(device):
 def test_wake_loss_moves_only_the_generator_and_guide_loss_only_the_recognition_network(objective, device):
     model, guide = small_pair(device)
     x = torch.bernoulli(torch.full((7, 6), 0.4, device=device))
-    losses = objective(model, guide, x)
+    losses = objective.phases(model, guide, x)
     model_params, guide_params = list(model.parameters()), list(guide.parameters())
     assert _moves(_grads(losses.model_loss, model_params))
     assert not _moves(_grads(losses.model_loss, guide_params))
@@ -114,12 +115,33 @@ def test_wake_loss_moves_only_the_generator_and_guide_loss_only_the_recognition_
     assert not _moves(_grads(losses.guide_loss, model_params))
 
 
-def test_aevb_loss_moves_both_networks(device):
+def test_the_elbo_moves_both_networks(device):
     # the contrast that shows the check above can fail: the ELBO's pathwise gradient reaches the guide
     model, guide = small_pair(device)
-    losses = AEVB()(model, guide, torch.bernoulli(torch.full((7, 6), 0.4, device=device)))
-    assert losses.model_loss is losses.guide_loss
-    assert _moves(_grads(losses.model_loss, list(guide.parameters())))
+    loss = pyro.infer.Trace_ELBO().differentiable_loss(model, guide, torch.bernoulli(torch.full((7, 6), 0.4,
+                                                                                                  device=device)))
+    assert _moves(_grads(loss, list(guide.parameters())))
+    assert _moves(_grads(loss, list(model.parameters())))
+
+
+@pytest.mark.parametrize("insomnia", [1.0, 0.0, 0.5])
+def test_one_backward_of_the_summed_loss_gives_each_network_its_own_phase(insomnia, device):
+    # what fit() does (one backward of model_loss + guide_loss) equals two separate gradients
+    model, guide = small_pair(device)
+    x = torch.bernoulli(torch.full((9, 6), 0.4, device=device))
+    model_params, guide_params = list(model.parameters()), list(guide.parameters())
+    rws = ReweightedWakeSleep(3, insomnia)
+    rws.phases(model, guide, x)  # the first call traces the plate nesting (extra draws)
+    pyro.set_rng_seed(4)
+    losses = rws.phases(model, guide, x)
+    separate = _grads(losses.model_loss, model_params) + _grads(losses.guide_loss, guide_params)
+    pyro.set_rng_seed(4)
+    summed = rws(model, guide, x)
+    summed.backward()
+    assert set(rws.terms) == {"train_elbo", "model_loss", "guide_loss"}
+    assert summed.item() == pytest.approx(rws.terms["model_loss"] + rws.terms["guide_loss"], rel=1e-6)
+    for p, g in zip(model_params + guide_params, separate):
+        assert torch.equal(p.grad, g), "the summed loss leaked a gradient into the other network"
 
 
 def test_a_wake_step_leaves_the_guide_and_a_sleep_step_leaves_the_model(device):
@@ -127,13 +149,13 @@ def test_a_wake_step_leaves_the_guide_and_a_sleep_step_leaves_the_model(device):
     x = torch.bernoulli(torch.full((40, 6), 0.4, device=device))
     before_m = [p.detach().clone() for p in model.parameters()]
     before_g = [p.detach().clone() for p in guide.parameters()]
-    fit_wake_sleep(model, guide, x, objective="wake_sleep", epochs=1, batch_size=20, lr=0.1, guide_lr=0.0,
-                   progress=False)
+    vi_lab.fit(model, guide, x, loss="wake_sleep", epochs=1, batch_size=20, optimizer=adam(0.1, guide=0.0),
+               progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before_g, guide.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(before_m, model.parameters()))
     before_m = [p.detach().clone() for p in model.parameters()]
-    fit_wake_sleep(model, guide, x, objective="wake_sleep", epochs=1, batch_size=20, lr=0.0, guide_lr=0.1,
-                   progress=False)
+    vi_lab.fit(model, guide, x, loss="wake_sleep", epochs=1, batch_size=20, optimizer=adam(0.0, guide=0.1),
+               progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before_m, model.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(before_g, guide.parameters()))
 
@@ -156,7 +178,7 @@ def test_reweighted_wake_sleep_equals_pyros_on_one_datapoint(insomnia, device):
     for p in params:
         p.grad = None
     pyro.set_rng_seed(3)
-    ours = ReweightedWakeSleep(3, insomnia, num_sleep_particles=1)(model, guide, x)
+    ours = ReweightedWakeSleep(3, insomnia, num_sleep_particles=1).phases(model, guide, x)
     (ours.model_loss + ours.guide_loss).backward()
     assert ours.model_loss.item() == pytest.approx(theirs[0], abs=1e-5)
     assert ours.guide_loss.item() == pytest.approx(theirs[1], abs=1e-5)
@@ -186,37 +208,23 @@ def test_wake_theta_is_the_per_datapoint_importance_weighted_bound(device):
 # ------------------------------------------------------------------- the training loop
 
 
-def test_aevb_in_the_two_optimizer_loop_reproduces_fit(device):
-    x = torch.bernoulli(torch.full((120, 6), 0.3, device=device))
-    model, guide = small_pair(device)
-    state = ({k: v.clone() for k, v in model.state_dict().items()}, {k: v.clone() for k, v in guide.state_dict().items()})
-    ours = fit_wake_sleep(model, guide, x, objective="aevb", epochs=2, batch_size=40, lr=0.01, progress=False)
-    ours_params = [p.detach().clone() for p in (*model.parameters(), *guide.parameters())]
-    model.load_state_dict(state[0])
-    guide.load_state_dict(state[1])
-    theirs = vi_lab.fit(model, guide, x, loss="trace", epochs=2, batch_size=40, lr=0.01, progress=False)
-    assert [h["train_elbo"] for h in ours.history] == pytest.approx([h["train_elbo"] for h in theirs.history], abs=1e-5)
-    for a, b in zip(ours_params, (*model.parameters(), *guide.parameters())):
-        assert torch.allclose(a, b, atol=1e-6)
-
-
 def test_history_records_at_the_requested_sample_counts_and_the_end(device):
     model, guide = small_pair(device)
     x = torch.bernoulli(torch.full((200, 6), 0.3, device=device))
-    result = fit_wake_sleep(model, guide, x, objective="rws", epochs=2, batch_size=50,
-                            progress=False, eval_data=x[:20], eval_at=[50, 120, 10_000])
+    result = vi_lab.fit(model, guide, x, loss="rws", num_particles=5, epochs=2, batch_size=50,
+                        progress=False, eval_data=x[:20], record_at=[50, 120, 10_000])
     assert [h["samples_seen"] for h in result.history] == [50, 150, 400]
     assert all(set(h) >= {"epoch", "train_elbo", "model_loss", "guide_loss", "seconds", "test_elbo"}
                for h in result.history)
-    default = fit_wake_sleep(model, guide, x, epochs=2, batch_size=50, progress=False)
+    default = vi_lab.fit(model, guide, x, loss="wake_sleep", epochs=2, batch_size=50, progress=False)
     assert [(h["epoch"], h["samples_seen"]) for h in default.history] == [(1, 200), (2, 400)]
 
 
 def test_wake_sleep_improves_the_test_elbo_on_mnist(device):
     d = runs.load_data("mnist", train_size=1000, eval_size=200, device=device)
     model, guide = vi_lab.VAE(5, [64]), vi_lab.make_guide("mean_field", latent_dim=5, hidden=[64])
-    result = fit_wake_sleep(model, guide, d.x_train, objective="wake_sleep", epochs=3, batch_size=50, lr=3e-3,
-                            progress=False, binarize="dynamic", eval_data=d.x_test, eval_at=[50])
+    result = vi_lab.fit(model, guide, d.x_train, loss="wake_sleep", epochs=3, batch_size=50, lr=3e-3,
+                        progress=False, binarize="dynamic", eval_data=d.x_test, record_at=[50])
     first, last = result.history[0]["test_elbo"], result.history[-1]["test_elbo"]
     assert last > first + 50, f"test ELBO went from {first:.1f} to {last:.1f} nats"
 
@@ -225,8 +233,15 @@ def test_wake_sleep_improves_the_test_elbo_on_mnist(device):
 
 
 def test_errors_name_what_is_wrong():
-    with pytest.raises(ValueError, match="aevb.*rws.*wake_sleep"):
-        make_objective("sleepwalk")
+    model = vi_lab.VAE(2, [8], x_dim=6)
+    guide = vi_lab.make_guide("mean_field", latent_dim=2, hidden=[8], x_dim=6)
+    with pytest.raises(ValueError, match="unknown loss 'sleepwalk'.*rws.*wake_sleep"):
+        vi_lab.fit(model, guide, torch.zeros(4, 6), loss="sleepwalk", epochs=1, progress=False)
+    with pytest.raises(ValueError, match="estimator='reinforce'.*apply to ELBO losses only"):
+        vi_lab.fit(model, guide, torch.zeros(4, 6), loss="wake_sleep", estimator="reinforce", epochs=1,
+                   progress=False)
+    with pytest.raises(ValueError, match="rws needs num_particles >= 2"):
+        vi_lab.fit(model, guide, torch.zeros(4, 6), loss="rws", epochs=1, progress=False)
     with pytest.raises(ValueError, match="insomnia=0"):
         ReweightedWakeSleep(num_particles=1, insomnia=0.5)
     with pytest.raises(ValueError, match=r"insomnia must be in \[0, 1\]"):
@@ -234,10 +249,9 @@ def test_errors_name_what_is_wrong():
     model = vi_lab.VAE(2, [8], x_dim=6, beta=4.0)
     guide = vi_lab.make_guide("mean_field", latent_dim=2, hidden=[8], x_dim=6)
     with pytest.raises(ValueError, match="beta"):
-        fit_wake_sleep(model, guide, torch.zeros(4, 6), objective="wake_sleep", epochs=1, progress=False)
-    with pytest.raises(TypeError, match="nn.Module"):
-        fit_wake_sleep(lambda x: None, guide, torch.zeros(4, 6), epochs=1, progress=False)
-    assert sorted(OBJECTIVES) == ["aevb", "rws", "wake_sleep"]
+        vi_lab.fit(model, guide, torch.zeros(4, 6), loss="wake_sleep", epochs=1, progress=False)
+    with pytest.raises(ValueError, match="learning rate guide must be a finite number"):
+        adam(1e-3, guide=float("nan"))
 
 
 # ------------------------------------------------------------------- the example

@@ -29,6 +29,7 @@ from typing import Callable
 
 import pyro.poutine as poutine
 import torch
+from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import prune_subsample_sites
 
 PLATE_FIX = "declare it inside `with pyro.plate(\"data\", x.shape[0]):` (dim -1)"
@@ -289,3 +290,18 @@ def _raise_outside(name: str, support, values: torch.Tensor, what: str) -> None:
 
 
 __all__ = ["ContractError", "PairCheck", "check_data", "check_pair", "check_row_shape", "check_support", "trace_pair"]
+
+
+def site_log_prob(site: dict, num_dims: int) -> torch.Tensor:
+    """Unscaled, masked log-density of a trace site, reduced to ``(K, B)`` or broadcastable.
+
+    :param site: a sample site of a Pyro trace run under a particle plate at ``-num_dims``.
+    :param num_dims: plate nesting + 1 (the particle dimension).
+    """
+    log_p = site["fn"].log_prob(site["value"])
+    log_p = scale_and_mask(log_p, mask=site["mask"])  # scale deliberately left out
+    while log_p.dim() < num_dims:
+        log_p = log_p.unsqueeze(0)
+    if log_p.dim() > 2:  # nested plates sit between particles (left) and the batch (right)
+        log_p = log_p.sum(dim=tuple(range(1, log_p.dim() - 1)))
+    return log_p

@@ -29,10 +29,9 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from tqdm.auto import tqdm
-from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import prune_subsample_sites
 
-from vi_lab.contract import check_data, check_pair, check_row_shape, check_support
+from vi_lab.contract import check_data, check_pair, check_row_shape, check_support, site_log_prob
 from vi_lab.device import check_modules_on
 
 #: elements of a (K, B, x_dim) tensor allowed per chunk: bounds memory for K = 5000
@@ -61,21 +60,6 @@ def max_plate_nesting(model: Callable, guide: Callable, x: torch.Tensor, *args, 
     :param x: a batch of data.
     """
     return check_pair(model, guide, x, *args, **kwargs).nesting
-
-
-def site_log_prob(site: dict, num_dims: int) -> torch.Tensor:
-    """Unscaled, masked log-density of a trace site, reduced to ``(K, B)`` or broadcastable.
-
-    :param site: a sample site of a Pyro trace run under a particle plate at ``-num_dims``.
-    :param num_dims: plate nesting + 1 (the particle dimension).
-    """
-    log_p = site["fn"].log_prob(site["value"])
-    log_p = scale_and_mask(log_p, mask=site["mask"])  # scale deliberately left out
-    while log_p.dim() < num_dims:
-        log_p = log_p.unsqueeze(0)
-    if log_p.dim() > 2:  # nested plates sit between particles (left) and the batch (right)
-        log_p = log_p.sum(dim=tuple(range(1, log_p.dim() - 1)))
-    return log_p
 
 
 def log_weight_terms(

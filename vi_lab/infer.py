@@ -103,7 +103,13 @@ def data_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _modules(*objs: Any) -> list[torch.nn.Module]:
-    return [o for o in objs if isinstance(o, torch.nn.Module)]
+    """The nn.Modules among ``objs``; a bound method counts as its module (``ae.model``)."""
+    found: list[torch.nn.Module] = []
+    for o in objs:
+        o = o if isinstance(o, torch.nn.Module) else getattr(o, "__self__", o)
+        if isinstance(o, torch.nn.Module) and all(o is not f for f in found):
+            found.append(o)
+    return found
 
 
 def _settings(loss, estimator: str, baseline, num_particles: int, batch_size: int, binarize: str,
@@ -201,12 +207,145 @@ def _restore(state: dict[str, Any], model, guide, optim, svi: SVI, first_args: t
     ckpt.set_rng_state(state["rng"])  # last: the registering evaluation drew random numbers
 
 
+def adam(lr: float = 1e-3, **module_lrs: float) -> pyro.optim.PyroOptim:
+    """Pyro's Adam with one learning rate per network, for :func:`fit`'s ``optimizer``.
+
+    Wake-sleep trains the generator and the recognition network at their own paces; both
+    step in the one optimizer, each parameter with the learning rate of the network it is
+    registered under (``pyro.module(name, ...)``: a vi_lab guide's ``name``, ``"guide"`` by
+    default; a :class:`vi_lab.models.VAE`'s ``name``, ``"model"`` by default).
+
+    :param lr: learning rate of every parameter not named in ``module_lrs``.
+    :param module_lrs: ``name=lr`` for the networks that differ.
+    :returns: a ``pyro.optim.Adam``.
+
+    Example::
+
+        fit(model, guide, x, loss="wake_sleep", optimizer=adam(1e-3, guide=3e-3))
+    """
+    for name, value in (("lr", lr), *module_lrs.items()):
+        if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+            raise ValueError(f"learning rate {name} must be a finite number >= 0, got {value!r}")
+    if not module_lrs:
+        return pyro.optim.Adam({"lr": lr})
+
+    def args(param_name: str) -> dict[str, float]:  # "guide.encoder.0.weight"
+        return {"lr": module_lrs.get(param_name.split(".", 1)[0], lr)}
+
+    return pyro.optim.Adam(args)
+
+
+@dataclass
+class _OwnLoss:
+    """A loss that is not an ELBO (wake-sleep): it takes its own gradients, no estimator applies."""
+
+    guide: Callable
+    loss: Callable
+    fixed_batch: bool = False
+
+
+def _objective(guide, loss, estimator, baseline, num_particles: int, x_dim: int, dev, seed: int):
+    """The guide SVI runs and the objective: an estimator made concrete for an ELBO, else the loss itself."""
+    resolved = make_loss(loss, num_particles) if isinstance(loss, str) else loss
+    if isinstance(resolved, ELBO):
+        # one lookup in vi_lab.estimators.ESTIMATORS: the Pyro objective and the guide it runs
+        return prepare_estimator(guide, estimator, loss=loss, num_particles=num_particles, baseline=baseline,
+                                 x_dim=x_dim, device=dev, seed=seed)
+    if not callable(resolved):
+        raise ValueError(f"loss must be a name in {sorted(LOSSES)}, a pyro.infer.ELBO or a callable "
+                         f"loss(model, guide, *args) -> tensor, got {type(loss).__name__}")
+    if estimator != "reparam" or baseline is not None:
+        raise ValueError(f"loss {_loss_label(loss)} computes its own gradients: estimator={estimator!r} and "
+                         f"baseline={baseline!r} apply to ELBO losses only; leave them at their defaults")
+    return _OwnLoss(guide, resolved)
+
+
+def _loss_label(loss: Any) -> str:
+    if isinstance(loss, str):
+        return loss
+    own_repr = type(loss).__repr__ is not object.__repr__ and not isinstance(loss, ELBO)
+    return repr(loss) if own_repr else type(loss).__name__
+
+
+@dataclass
+class _Data:
+    """Training and held-out data on the training device, checked once."""
+
+    x: torch.Tensor
+    extra: torch.Tensor | None
+    eval_x: torch.Tensor | None
+    eval_extra: torch.Tensor | None
+    transform: Callable | None
+    device: torch.device
+
+
+def _prepare_data(model, guide, data, eval_data, device, binarize: str, seed: int) -> _Data:
+    """Device and binarization, decided once for the run (held-out data: dynamic becomes static)."""
+    x, extra = data_tensors(data)
+    check_data(x, "data")
+    check_row_shape(model, guide, x, "data")
+    dev = resolve_device(device, x)
+    x = x.to(dev)
+    extra = extra.to(dev) if extra is not None else None
+    for m in _modules(model, guide):
+        m.to(dev)
+    transform = None if binarize == "none" else (lambda b: binarize_fn(b, binarize))
+    if transform is not None:
+        if binarize in BINARIZATIONS:  # every row, once: binarize reads x as probabilities
+            check_unit_interval(x, "data", binarize)
+        binarize_fn(x[:1], binarize)  # validate the mode before training starts
+    eval_x, eval_extra = data_tensors(eval_data) if eval_data is not None else (None, None)
+    if eval_x is not None:
+        check_data(eval_x, "eval_data")
+        if binarize != "none":
+            check_unit_interval(eval_x, "eval_data", binarize)
+        eval_x = heldout_binarized(eval_x.to(dev), binarize, seed)  # once: the held-out set is fixed
+        eval_extra = eval_extra.to(dev) if eval_extra is not None else None
+    return _Data(x, extra, eval_x, eval_extra, transform, dev)
+
+
+def _record_marks(record_at: Any, per_epoch: int, epochs: int) -> list[int] | None:
+    """Sample counts at which to record (sorted, the end of training included), or None: every epoch."""
+    if record_at is None:
+        return None
+    marks = list(record_at)
+    if not all(isinstance(m, int) and m > 0 for m in marks):
+        raise ValueError(f"record_at must be positive numbers of training samples seen, got {record_at!r}")
+    total = epochs * per_epoch
+    return sorted({m for m in marks if m < total} | {total})
+
+
+class _Tally:
+    """Per-datapoint averages of a step's monitored terms since the last record, and the time spent."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.n = 0
+        self.seconds = self.cpu_seconds = 0.0
+        self.resume_clock()
+
+    def resume_clock(self) -> None:
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+
+    def pause_clock(self) -> None:
+        self.seconds += time.perf_counter() - self._t0
+        self.cpu_seconds += time.process_time() - self._c0
+
+    def add(self, terms: dict[str, float], n: int) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v * n
+        self.n += n
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.n for k, v in self.sums.items()}
+
+
 def fit(
     model: Callable,
     guide: Callable,
     data: Any,
     *,
-    loss: str | ELBO = "trace",
+    loss: str | ELBO | Callable = "trace",
     estimator: str | Estimator = "reparam",
     baseline: str | None = None,
     epochs: int = 10,
@@ -223,32 +362,42 @@ def fit(
     num_particles: int = 1,
     optimizer: pyro.optim.PyroOptim | None = None,
     metrics_path: str | Path | None = None,
+    record_at: Any = None,
 ) -> FitResult:
-    """Train a model/guide pair by stochastic variational inference.
+    """Train a model/guide pair: vi_lab's one training loop.
 
     Minibatches are index slices of a device-side permutation of ``data``; each step
     runs Pyro's ``SVI.step`` on the per-datapoint objective (see
-    :func:`training_objective`). After every epoch the metrics go to a JSON-lines file
-    and, with ``checkpoint_dir``, a checkpoint (model, guide, free Pyro params,
-    optimizer and RNG state) is written atomically, so ``resume=True`` continues exactly
-    where it stopped: the resumed run's next loss equals the uninterrupted run's.
+    :func:`vi_lab.objectives.training_objective`). The objective is an ELBO with any
+    gradient estimator, or a loss that takes its own gradients (wake-sleep); models
+    without latent variables (an autoencoder's reconstruction, a classifier) train by
+    maximum likelihood with an empty guide through the same loop. After every epoch the
+    metrics go to a JSON-lines file and, with ``checkpoint_dir``, a checkpoint (model,
+    guide, free Pyro params, optimizer and RNG state) is written atomically, so
+    ``resume=True`` continues exactly where it stopped: the resumed run's next loss
+    equals the uninterrupted run's.
 
-    :param model: Pyro model ``model(x[, extra])`` (an ``nn.Module`` or any callable using
-        ``pyro.module``/``pyro.param``).
+    :param model: Pyro model ``model(x[, extra])`` (an ``nn.Module``, a bound method of
+        one, or any callable using ``pyro.module``/``pyro.param``).
     :param guide: Pyro guide with the model's arguments.
     :param data: tensor ``(N, ...)``, a :class:`vi_lab.data.Dataset`, or a pair
         ``(x, extra)`` whose ``extra`` (e.g. labels) is passed as the second argument.
-    :param loss: ``"trace"`` (Trace_ELBO), ``"meanfield"`` (TraceMeanField_ELBO, analytic
-        KL where available), ``"tracegraph"``, or any ``pyro.infer.ELBO`` instance.
-    :param estimator: gradient estimator, a key of :data:`vi_lab.estimators.ESTIMATORS`
-        (``"reparam"``, ``"reinforce"``, ``"reinforce_baseline"``, ``"relaxed"``, ``"enum"``)
-        or a :class:`vi_lab.estimators.Estimator`; all but ``"reparam"`` pick their Pyro
+    :param loss: a name in :data:`vi_lab.objectives.LOSSES` (``"trace"``: Trace_ELBO,
+        ``"meanfield"``: analytic KL where available, ``"tracegraph"``, ``"wake_sleep"``,
+        ``"rws"``), any ``pyro.infer.ELBO`` instance, or a callable
+        ``loss(model, guide, *args) -> tensor`` that may leave its monitored numbers in a
+        ``terms`` dict (as :class:`vi_lab.wake_sleep.ReweightedWakeSleep` does).
+    :param estimator: gradient estimator of an ELBO, a key of
+        :data:`vi_lab.estimators.ESTIMATORS` (``"reparam"``, ``"reinforce"``,
+        ``"reinforce_baseline"``, ``"relaxed"``, ``"enum"``) or a
+        :class:`vi_lab.estimators.Estimator`; all but ``"reparam"`` pick their Pyro
         objective themselves (leave ``loss="trace"``).
     :param baseline: baseline of ``"reinforce_baseline"``: ``"decaying_avg"`` (default)
         or ``"nn"`` (a learned b(x) network, trained alongside).
     :param epochs: total epochs (a resumed run continues up to this number).
     :param batch_size: datapoints per step.
-    :param lr: Adam learning rate (ignored when ``optimizer`` is given).
+    :param lr: Adam learning rate (ignored when ``optimizer`` is given; per-network rates:
+        ``optimizer=adam(lr, guide=guide_lr)``, see :func:`adam`).
     :param device: where to train: ``None`` keeps the data's device, ``"auto"`` picks
         ``cuda`` when available, else a device such as ``"cuda"`` or ``"cpu"``. Data,
         model and guide are moved there (and stay there afterwards).
@@ -258,19 +407,26 @@ def fit(
         The run continues with the ``lr`` (and optimizer arguments) given now; the loss,
         estimator, baseline, particles, batch size, binarization and data must be the
         checkpoint's (:data:`FIXED_ON_RESUME`, a ValueError names what differs).
-        ``metrics.jsonl`` is cut back to the checkpoint's epochs. Without ``resume``, a
+        ``metrics.jsonl`` is cut back to the checkpoint's records. Without ``resume``, a
         ``checkpoint_dir`` (or ``metrics_path``) that already holds a run is refused
         (``FileExistsError``), so an earlier run is never overwritten.
-    :param progress: ``True``: a tqdm bar with the running ELBO and one line per epoch;
+    :param progress: ``True``: a tqdm bar with the running ELBO and one line per record;
         ``"epochs"``: the lines only; ``False``: nothing.
     :param binarize: a mode of :func:`vi_lab.data.binarize` applied per batch
-        (``"dynamic"`` draws fresh binary images every epoch).
+        (``"dynamic"`` draws fresh binary images every epoch); held-out data is binarized
+        once (dynamic becomes static, :func:`heldout_binarized`).
     :param eval_data: held-out data; its ELBO (true ELBO, ``eval_samples`` draws) is
-        recorded as ``test_elbo`` after each epoch.
-    :param num_particles: ELBO particles per step (vectorized).
+        recorded as ``test_elbo`` with every record.
+    :param num_particles: ELBO particles per step (vectorized); wake particles for ``"rws"``.
     :param optimizer: a Pyro optimizer instead of ``Adam(lr)``.
     :param metrics_path: JSON-lines file (default ``checkpoint_dir/metrics.jsonl``).
-    :returns: :class:`FitResult`.
+    :param record_at: numbers of training samples seen at which to record a history entry
+        (e.g. log-spaced, for learning curves by samples seen); default: the end of every
+        epoch. The end of training is always recorded. Checkpoints stay at epoch ends.
+    :returns: :class:`FitResult`; each history entry holds ``epoch``, ``samples_seen``,
+        ``train_elbo`` (nats per datapoint, averaged since the previous entry), the loss's
+        other terms (``model_loss``, ``guide_loss`` for wake-sleep), ``seconds``,
+        ``cpu_seconds`` and, with ``eval_data``, ``test_elbo``.
     :raises TrainingDiverged: when the loss or the parameters become NaN or infinite (or a
         distribution rejects parameters that overflowed); the last checkpoint stays intact.
     :raises vi_lab.contract.ContractError: when the pair breaks the per-datapoint contract
@@ -294,32 +450,18 @@ def fit(
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     if progress not in (True, False, "epochs"):
         raise ValueError(f"progress must be True, False or 'epochs', got {progress!r}")
-    x, extra = data_tensors(data)
-    check_data(x, "data")
-    check_row_shape(model, guide, x, "data")
-    dev = resolve_device(device, x)
-    x = x.to(dev)
-    extra = extra.to(dev) if extra is not None else None
-    for m in _modules(model, guide):
-        m.to(dev)
-    transform = None if binarize == "none" else (lambda b: binarize_fn(b, binarize))
-    if transform is not None:
-        if binarize in BINARIZATIONS:  # every row, once: binarize reads x as probabilities
-            check_unit_interval(x, "data", binarize)
-        binarize_fn(x[:1], binarize)  # validate the mode before training starts
-    eval_x, eval_extra = data_tensors(eval_data) if eval_data is not None else (None, None)
-    if eval_x is not None:
-        check_data(eval_x, "eval_data")
-        if binarize != "none":
-            check_unit_interval(eval_x, "eval_data", binarize)
-        eval_x = _eval_binarized(eval_x.to(dev), binarize)  # once: the held-out set is fixed
-        eval_extra = eval_extra.to(dev) if eval_extra is not None else None
-    # one lookup in vi_lab.estimators.ESTIMATORS: the Pyro objective and the guide it runs
-    est = prepare_estimator(guide, estimator, loss=loss, num_particles=num_particles, baseline=baseline,
-                            x_dim=x[0].numel(), device=dev, seed=seed)
+    d = _prepare_data(model, guide, data, eval_data, device, binarize, seed)
+    x, extra, transform = d.x, d.extra, d.transform
+    est = _objective(guide, loss, estimator, baseline, num_particles, x[0].numel(), d.device, seed)
+    own_loss = isinstance(est, _OwnLoss)
+    if own_loss and getattr(model, "site_scales", None):
+        raise ValueError(f"loss {_loss_label(loss)} has no KL term to weight: site scales {model.site_scales} "
+                         "(beta) apply to ELBO losses only; build the model with beta=1")
     # Pyro keeps a decaying-average baseline per batch position: batches must not change size
     batches = DeviceBatches(x, batch_size, shuffle=True, transform=transform, extra=extra,
                             drop_last=est.fixed_batch and x.shape[0] >= batch_size)
+    per_epoch = x.shape[0] if not batches.drop_last else len(batches) * batch_size
+    marks = _record_marks(record_at, per_epoch, epochs)
 
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     ckpt_path = ckpt_dir / CHECKPOINT_NAME if ckpt_dir is not None else None
@@ -335,24 +477,21 @@ def fit(
         """The contract, once, on a batch as the steps see it; returns that batch's arguments."""
         x0 = transform(x[:batch_size]) if transform is not None else x[:batch_size]
         first = (x0, extra[:batch_size]) if extra is not None else (x0,)
-        pair = check_pair(model, guide, *first, enumerated_ok=isinstance(est.loss, TraceEnum_ELBO), what="data")
+        enumerated_ok = not own_loss and isinstance(est.loss, TraceEnum_ELBO)
+        pair = check_pair(model, guide, *first, enumerated_ok=enumerated_ok, what="data")
         if transform is None:
             check_support(pair, x, "data")
-        if eval_x is not None:
-            check_support(pair, eval_x, "eval_data")
+        if d.eval_x is not None:
+            check_support(pair, d.eval_x, "eval_data")
         return first
 
-    settings = _settings(loss, estimator if isinstance(estimator, str) else est.estimator.label, baseline,
-                         num_particles, batch_size, binarize, x)
+    label = "own" if own_loss else estimator if isinstance(estimator, str) else est.estimator.label
+    settings = _settings(_loss_label(loss), label, baseline, num_particles, batch_size, binarize, x)
     settings.update(lr=lr if optimizer is None else None, seed=seed)  # recorded, free to change on resume
 
     optim = optimizer if optimizer is not None else pyro.optim.Adam({"lr": lr})
-    svi = SVI(
-        training_objective(model, getattr(model, "site_scales", None)),
-        training_objective(est.guide, getattr(model, "site_scales", None)),
-        optim,
-        est.loss,
-    )
+    scales = getattr(model, "site_scales", None)
+    svi = SVI(training_objective(model, scales), training_objective(est.guide, scales), optim, est.loss)
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
@@ -390,60 +529,92 @@ def fit(
     if ckpt_path is not None:
         ckpt.remove_temporaries(ckpt_path)  # left by a process killed mid-write
 
-    for m in _modules(model, guide):
+    modules = _modules(model, guide)
+    for m in modules:
         m.zero_grad(set_to_none=True)  # SVI adds to .grad: stale gradients would bend the first step
     reference = None  # the loss of the run's first steps, to recognise an explosion
+    seen = start_epoch * per_epoch
+    next_mark = 0 if marks is None else sum(m <= seen for m in marks)
+    tally = _Tally()
+
+    def record(epoch: int) -> None:
+        nonlocal tally
+        tally.pause_clock()
+        # CPU seconds beside wall seconds: on a shared machine wall time alone misleads
+        entry: dict[str, Any] = {"epoch": epoch, "samples_seen": seen, **tally.means(),
+                                 "seconds": tally.seconds, "cpu_seconds": tally.cpu_seconds}
+        _warn_if_exploding(entry, reference, history, optimizer is None and lr)
+        if d.eval_x is not None:
+            for m in modules:
+                m.eval()
+            eval_args = (d.eval_extra,) if d.eval_extra is not None else ()
+            entry["test_elbo"] = evaluate.elbo(model, guide, d.eval_x, *eval_args,
+                                               num_samples=eval_samples).mean().item()
+            for m in modules:
+                m.train()
+        history.append(entry)
+        if marks is None and ckpt_path is not None:
+            # checkpoint first, then the metrics line: a crash between them leaves a line short,
+            # never a line the checkpoint does not hold (resume rewrites the log from the checkpoint)
+            ckpt.save_atomic(_state(model, guide, optim, epoch, history, settings), ckpt_path)
+        if metrics_path is not None:
+            _append_metrics(metrics_path, entry)
+        if progress:
+            where = f"epoch {epoch}" if marks is None else f"epoch {epoch}, {seen} samples"
+            tail = f", test ELBO {entry['test_elbo']:.2f}" if "test_elbo" in entry else ""
+            tqdm.write(f"{where}: train ELBO {entry['train_elbo']:.2f} nats/datapoint{tail} "
+                       f"({entry['seconds']:.1f} s)")
+        tally = _Tally()
+
     for epoch in range(start_epoch + 1, epochs + 1):
-        for m in _modules(model, guide):
+        for m in modules:
             m.train()
-        t0, c0 = time.perf_counter(), time.process_time()
-        total, seen = 0.0, 0
         bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", disable=progress is not True, leave=False)
         for step, batch in enumerate(bar, start=1):
             args = batch if isinstance(batch, tuple) else (batch,)
-            try:
-                step_loss = svi.step(*args)
-            except ValueError as err:
-                reason = _divergence(err, model, guide, trained=epoch > 1 or step > 1)
-                if reason is None:
-                    raise
-                raise TrainingDiverged(reason, epoch, step, len(batches), ckpt_path) from err
-            if not math.isfinite(step_loss):
-                raise TrainingDiverged(f"the loss became {step_loss}", epoch, step, len(batches), ckpt_path,
-                                       loss=step_loss)
+            terms = _step(svi, est.loss, args, model, guide, (epoch, step, len(batches), ckpt_path))
             n = args[0].shape[0]
-            total, seen = total - step_loss * n, seen + n
+            seen += n
+            tally.add(terms, n)
             if reference is None:  # the loss before this run's first update
-                reference = step_loss
-            bar.set_postfix(elbo=f"{total / seen:.2f}")
+                reference = -terms["train_elbo"]
+            bar.set_postfix(elbo=f"{tally.sums['train_elbo'] / tally.n:.2f}")
+            if marks is not None and next_mark < len(marks) and seen >= marks[next_mark]:
+                record(epoch)
+                while next_mark < len(marks) and marks[next_mark] <= seen:
+                    next_mark += 1
         if _non_finite(model, guide, store=True):
             raise TrainingDiverged("a parameter became NaN or infinite", epoch, len(batches), len(batches),
                                    ckpt_path)
-        # CPU seconds beside wall seconds: on a shared machine wall time alone misleads
-        record: dict[str, Any] = {"epoch": epoch, "train_elbo": total / seen,
-                                  "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
-        _warn_if_exploding(record, reference, history, optimizer is None and lr)
-        if eval_x is not None:
-            for m in _modules(model, guide):
-                m.eval()
-            eval_args = (eval_extra,) if eval_extra is not None else ()
-            record["test_elbo"] = evaluate.elbo(model, guide, eval_x, *eval_args,
-                                                num_samples=eval_samples).mean().item()
-        history.append(record)
-        # checkpoint first, then the metrics line: a crash between them leaves a line short,
-        # never a line the checkpoint does not hold (resume rewrites the log from the checkpoint)
-        if ckpt_path is not None:
+        if marks is None:
+            record(epoch)
+        elif ckpt_path is not None:
             ckpt.save_atomic(_state(model, guide, optim, epoch, history, settings), ckpt_path)
-        if metrics_path is not None:
-            _append_metrics(metrics_path, record)
-        if progress:
-            tail = f", test ELBO {record['test_elbo']:.2f}" if "test_elbo" in record else ""
-            tqdm.write(f"epoch {epoch}: train ELBO {record['train_elbo']:.2f} nats/datapoint{tail} "
-                       f"({record['seconds']:.1f} s)")
-    for m in _modules(model, guide):
+    for m in modules:
         m.eval()
     written = ckpt_path if ckpt_path is not None and ckpt_path.is_file() else None  # none after 0 epochs
-    return FitResult(history=history, device=str(dev), checkpoint=written, metrics_path=metrics_path)
+    return FitResult(history=history, device=str(d.device), checkpoint=written, metrics_path=metrics_path)
+
+
+def _step(svi: SVI, loss: Any, args: tuple, model, guide, where: tuple) -> dict[str, float]:
+    """One SVI step; returns its monitored terms (``train_elbo``, and the loss's own ``terms``)."""
+    epoch, step, steps, ckpt_path = where
+    try:
+        step_loss = svi.step(*args)
+    except ValueError as err:
+        reason = _divergence(err, model, guide, trained=epoch > 1 or step > 1)
+        if reason is None:
+            raise
+        raise TrainingDiverged(reason, epoch, step, steps, ckpt_path) from err
+    terms = dict(getattr(loss, "terms", None) or {})
+    # the loss's own terms name the culprit (the model or the guide loss), then its ELBO estimate
+    named = [(k.replace("_", " "), v) for k, v in terms.items() if k != "train_elbo"]
+    named += [("training ELBO", terms["train_elbo"])] if "train_elbo" in terms else []
+    for name, value in (*named, ("loss", step_loss)):
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"the {name} became {value}", epoch, step, steps, ckpt_path, loss=value)
+    terms.setdefault("train_elbo", -step_loss)
+    return terms
 
 
 def _refuse_untrainable(model, guide, batch_size: int, num_data: int) -> None:
@@ -526,9 +697,18 @@ def _non_finite(*objs: Any, store: bool = False) -> list[str]:
     return [name for name, t in named if not t.is_meta and not bool(torch.isfinite(t).all())]
 
 
-def _eval_binarized(x: torch.Tensor, mode: str) -> torch.Tensor:
-    # held-out data must be fixed across epochs to compare them: a dynamic
-    # binarization is replaced by a static one for evaluation
+def heldout_binarized(x: torch.Tensor, mode: str, seed: int = 0) -> torch.Tensor:
+    """Held-out data as every evaluation sees it: binarized once, so epochs and runs compare.
+
+    A dynamic binarization (fresh draws per batch in training) becomes a static one (one
+    draw seeded by the run's ``seed + 1``, apart from the training draws) for held-out data;
+    the other modes apply as they are. The one place this rule lives: :func:`fit` and the
+    command line both call it.
+
+    :param x: held-out data in [0, 1].
+    :param mode: the training binarization, a key of :data:`vi_lab.data.BINARIZATIONS`.
+    :param seed: the run's seed.
+    """
     if mode == "none":
         return x
-    return binarize_fn(x, "static" if mode == "dynamic" else mode)
+    return binarize_fn(x, "static" if mode == "dynamic" else mode, seed=seed + 1)

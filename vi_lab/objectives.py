@@ -1,4 +1,4 @@
-"""The objective layer: per-datapoint scaling, site scales and the loss registry.
+"""The objective layer: per-datapoint scaling, site scales and the loss registry (ELBOs, wake-sleep).
 
 The lowest floor of inference (DESIGN.md): the training loop, the estimators, local
 optimization and wake-sleep all build their Pyro objectives from here, and this module
@@ -13,12 +13,26 @@ import pyro.poutine as poutine
 from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 
-#: loss names accepted by :func:`vi_lab.fit`; any ``pyro.infer.ELBO`` instance is accepted too
-LOSSES: dict[str, Callable[[int], ELBO]] = {
+from vi_lab.wake_sleep import ReweightedWakeSleep
+
+#: loss names accepted by :func:`vi_lab.fit`, each made from the number of particles; any
+#: ``pyro.infer.ELBO`` instance, or a callable ``loss(model, guide, *args) -> tensor``, is accepted too
+LOSSES: dict[str, Callable[[int], Callable]] = {
     "trace": lambda n: Trace_ELBO(num_particles=n, vectorize_particles=n > 1),
     "meanfield": lambda n: TraceMeanField_ELBO(num_particles=n, vectorize_particles=n > 1),
     "tracegraph": lambda n: TraceGraph_ELBO(num_particles=n, vectorize_particles=n > 1),
+    # classic wake-sleep: one wake draw, the guide learns from dreams only
+    "wake_sleep": lambda n: ReweightedWakeSleep(num_particles=n, insomnia=0.0),
+    # reweighted wake-sleep: n wake particles, the guide learns from them (wake-phi)
+    "rws": lambda n: _rws(n),
 }
+
+
+def _rws(num_particles: int) -> ReweightedWakeSleep:
+    if num_particles < 2:
+        raise ValueError(f"loss rws needs num_particles >= 2 wake particles (5 is usual), got {num_particles}; "
+                         "with one particle use loss='wake_sleep'")
+    return ReweightedWakeSleep(num_particles=num_particles, insomnia=1.0)
 
 
 class _SiteScale(Messenger):
@@ -50,8 +64,16 @@ def training_objective(fn: Callable, site_scales: dict[str, float] | None = None
     return wrapped
 
 
-def make_loss(loss: str | ELBO, num_particles: int = 1) -> ELBO:
-    """Resolve a loss name in :data:`LOSSES` (or pass an ELBO instance through)."""
+def make_loss(loss: str | ELBO, num_particles: int = 1) -> Callable:
+    """Resolve a loss name in :data:`LOSSES` (or pass an ELBO instance through).
+
+    :param loss: a name in :data:`LOSSES` or a ``pyro.infer.ELBO``.
+    :param num_particles: particles per step (wake particles for ``"rws"``).
+
+    Example::
+
+        make_loss("meanfield", num_particles=4)  # TraceMeanField_ELBO, vectorized particles
+    """
     if isinstance(loss, ELBO):
         return loss
     try:

@@ -1,4 +1,4 @@
-"""Wake-sleep and reweighted wake-sleep, and AEVB, in one two-optimizer training loop.
+"""Wake-sleep and reweighted wake-sleep as losses of the one training loop.
 
 Wake-sleep (Hinton et al., 1995) trains the generator p(x, z) and the recognition
 network q(z | x) on *different* objectives:
@@ -13,10 +13,16 @@ Reweighted wake-sleep (Bornschein & Bengio, 2015; Le et al., 2019) draws K parti
 in the wake phase: the generator climbs the K-sample importance-weighted bound and the
 guide may also learn in the wake phase from self-normalized weights ("wake-phi",
 mixed with sleep by ``insomnia``). Classic wake-sleep is the special case K = 1,
-insomnia = 0. AEVB (Kingma & Welling, 2014) trains both networks on the one ELBO with
-reparameterized gradients; it runs here through Pyro's own ``Trace_ELBO`` so the three
-algorithms share batching, optimizers and the evaluation schedule (the comparison of
-Kingma & Welling's Figure 2).
+insomnia = 0.
+
+:class:`ReweightedWakeSleep` is a loss, Pyro's way: one call returns the *sum* of the
+generator's and the recognition network's losses, built so that each term reaches only
+its own network (the wake draws and the dreams are detached, and ``log q`` is detached
+inside the generator's weights), so one backward pass gives each network exactly the
+gradient of its own phase. :func:`vi_lab.fit` trains with it like with any ELBO
+(``fit(model, guide, x, loss="wake_sleep")``), with per-network learning rates through
+the optimizer (:func:`vi_lab.infer.adam`). AEVB, the comparison of Kingma & Welling's
+Figure 2, is ``loss="trace"`` in the same loop.
 
 Why not ``pyro.infer.ReweightedWakeSleep`` as it is: it sums each particle's log weight
 over the whole minibatch before the log-sum-exp ("mini-batch training is not supported
@@ -31,23 +37,15 @@ guides take x positionally, and would silently see the data instead.
 from __future__ import annotations
 
 import math
-import time
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
 import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import prune_subsample_sites
-from torch import nn
-from tqdm.auto import tqdm
 
-from vi_lab import evaluate
-from vi_lab.contract import check_data, check_row_shape
-from vi_lab.data import BINARIZATIONS, DeviceBatches, binarize as binarize_fn, check_unit_interval
-from vi_lab.device import resolve_device
-from vi_lab.infer import FitResult, TrainingDiverged, data_tensors
-from vi_lab.objectives import make_loss, training_objective
+from vi_lab.contract import check_pair, site_log_prob
 
 
 class PhaseLosses(NamedTuple):
@@ -117,6 +115,7 @@ class ReweightedWakeSleep:
             raise ValueError(f"num_sleep_particles must be a positive integer, got {num_sleep_particles!r}")
         self.num_particles, self.insomnia, self.num_sleep_particles = num_particles, float(insomnia), sleep
         self._nesting: int | None = None
+        self.terms: dict[str, float] = {}
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(num_particles={self.num_particles}, insomnia={self.insomnia}, "
@@ -124,7 +123,7 @@ class ReweightedWakeSleep:
 
     def _plate_nesting(self, model, guide, x, args) -> int:
         if self._nesting is None:  # static structure assumed, as in Pyro's ELBOs
-            self._nesting = evaluate.max_plate_nesting(model, guide, x, *args)
+            self._nesting = check_pair(model, guide, x, *args).nesting
         return self._nesting
 
     def wake(self, model: Callable, guide: Callable, x: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -138,9 +137,9 @@ class ReweightedWakeSleep:
             guide_trace.detach_()  # z is imputed data: no pathwise gradient into the guide
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, *args)
         guide_trace, model_trace = prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
-        log_joint = sum(evaluate.site_log_prob(s, nesting + 1) for s in model_trace.nodes.values()
+        log_joint = sum(site_log_prob(s, nesting + 1) for s in model_trace.nodes.values()
                         if s["type"] == "sample")  # (K, B), gradient in theta only
-        log_q = sum(evaluate.site_log_prob(s, nesting + 1) for s in guide_trace.nodes.values()
+        log_q = sum(site_log_prob(s, nesting + 1) for s in guide_trace.nodes.values()
                     if s["type"] == "sample")  # (K, B), gradient in phi only
         log_w = log_joint - log_q.detach()
         log_norm = log_w.logsumexp(0)  # (B,)
@@ -174,8 +173,8 @@ class ReweightedWakeSleep:
                 log_q = log_q + scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"]).sum()
         return -log_q / (s * batch)
 
-    def __call__(self, model: Callable, guide: Callable, x: torch.Tensor, *args) -> PhaseLosses:
-        """Both phases on one batch (wake draws first, then dreams)."""
+    def phases(self, model: Callable, guide: Callable, x: torch.Tensor, *args) -> PhaseLosses:
+        """Both phases on one batch (wake draws first, then dreams), as separate losses."""
         wake_theta, wake_phi, log_w = self.wake(model, guide, x, *args)
         if self.insomnia == 1.0:
             guide_loss = wake_phi
@@ -184,235 +183,15 @@ class ReweightedWakeSleep:
             guide_loss = sleep_phi if self.insomnia == 0.0 else self.insomnia * wake_phi + (1 - self.insomnia) * sleep_phi
         return PhaseLosses(wake_theta, guide_loss, log_w.mean().item())
 
+    def __call__(self, model: Callable, guide: Callable, x: torch.Tensor, *args) -> torch.Tensor:
+        """The loss :func:`vi_lab.fit` backpropagates: ``model_loss + guide_loss``.
 
-class AEVB:
-    """Auto-encoding variational Bayes: one ELBO, reparameterized gradients, both networks.
-
-    Runs Pyro's ELBO (``Trace_ELBO`` by default) on the per-datapoint objective of
-    :func:`vi_lab.objectives.training_objective`, so beta (``model.site_scales``) applies as
-    in :func:`vi_lab.fit`.
-
-    :param loss: ``"trace"`` or ``"meanfield"`` (an ELBO with ``differentiable_loss``).
-    :param num_particles: ELBO particles per step.
-
-    Example::
-
-        losses = AEVB()(model, guide, x_batch)
-        losses.model_loss is losses.guide_loss  # True: one objective
-    """
-
-    def __init__(self, loss: str = "trace", num_particles: int = 1) -> None:
-        self.elbo = make_loss(loss, num_particles)
-        if not hasattr(self.elbo, "differentiable_loss"):
-            raise ValueError(f"AEVB needs an ELBO with differentiable_loss ('trace' or 'meanfield'), got {loss!r}")
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({type(self.elbo).__name__})"
-
-    def __call__(self, model: Callable, guide: Callable, x: torch.Tensor, *args) -> PhaseLosses:
-        scales = getattr(model, "site_scales", None)
-        loss = self.elbo.differentiable_loss(training_objective(model, scales), training_objective(guide, scales), x, *args)
-        return PhaseLosses(loss, loss, -loss.item())
-
-
-#: training algorithms accepted by :func:`fit_wake_sleep` (or pass an instance)
-OBJECTIVES: dict[str, Callable[[], Callable]] = {
-    "wake_sleep": lambda: ReweightedWakeSleep(num_particles=1, insomnia=0.0),
-    "rws": lambda: ReweightedWakeSleep(num_particles=5, insomnia=1.0),
-    "aevb": AEVB,
-}
-
-
-def make_objective(objective: str | Callable) -> Callable:
-    """Resolve a name in :data:`OBJECTIVES` (instances pass through).
-
-    :param objective: ``"wake_sleep"``, ``"rws"``, ``"aevb"``, or an object with the
-        :class:`ReweightedWakeSleep` call signature.
-
-    Example::
-
-        make_objective("wake_sleep")  # ReweightedWakeSleep(num_particles=1, insomnia=0.0, ...)
-    """
-    if not isinstance(objective, str):
-        return objective
-    try:
-        return OBJECTIVES[objective]()
-    except KeyError:
-        raise ValueError(f"unknown objective {objective!r}; valid: {sorted(OBJECTIVES)}") from None
-
-
-def _params(module: Any, label: str) -> list[torch.Tensor]:
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"the {label} must be an nn.Module (its parameters get their own optimizer), "
-                        f"got {type(module).__name__}")
-    return [p for p in module.parameters() if p.requires_grad]
-
-
-def fit_wake_sleep(
-    model: nn.Module,
-    guide: nn.Module,
-    data: Any,
-    *,
-    objective: str | Callable = "wake_sleep",
-    epochs: int = 10,
-    batch_size: int = 100,
-    lr: float = 1e-3,
-    guide_lr: float | None = None,
-    device: str | torch.device | None = None,
-    seed: int = 0,
-    progress: bool | str = True,
-    binarize: str = "none",
-    eval_data: Any = None,
-    eval_samples: int = 1,
-    eval_at: Sequence[int] | None = None,
-) -> FitResult:
-    """Train a model/guide pair with separate generator and recognition optimizers.
-
-    Each step computes the objective's two losses, takes the generator's gradient of the
-    model loss and the recognition network's gradient of the guide loss (nothing
-    crosses over), and steps one Adam optimizer per network. Batching, dynamic
-    binarization and the seed work as in :func:`vi_lab.fit`, so ``objective="aevb"``
-    follows the same path as ``fit(loss="trace")``.
-
-    :param model: the generator, an ``nn.Module`` Pyro model ``model(x[, extra])``.
-    :param guide: the recognition network, an ``nn.Module`` Pyro guide.
-    :param data: tensor ``(N, ...)`` or ``(x, extra)`` (extra, e.g. labels, is the second argument).
-    :param objective: a name in :data:`OBJECTIVES` or an instance (e.g.
-        ``ReweightedWakeSleep(num_particles=10, insomnia=0.5)``).
-    :param epochs: passes over the data.
-    :param batch_size: datapoints per step.
-    :param lr: generator learning rate (and the guide's unless ``guide_lr``).
-    :param guide_lr: recognition network learning rate.
-    :param device: ``None`` keeps the data's device, ``"auto"`` picks ``cuda`` when available, or a device.
-    :param seed: seeds Pyro/torch at the start.
-    :param progress: ``True``: a tqdm bar and a line per recorded point; ``"epochs"``: the
-        lines only; ``False``: nothing.
-    :param binarize: per-batch binarization mode (``"dynamic"`` resamples every batch).
-    :param eval_data: held-out data (tensor or ``(x, extra)``), in the training format;
-        its ELBO (``eval_samples`` draws, true ELBO) is recorded as ``test_elbo``.
-    :param eval_at: numbers of training samples seen at which to record a history
-        entry (e.g. log-spaced, for learning curves); default: the end of each epoch.
-        The end of training is always recorded.
-    :returns: :class:`vi_lab.infer.FitResult` whose history entries hold ``epoch``,
-        ``samples_seen``, ``train_elbo`` (mean since the previous entry), ``model_loss``,
-        ``guide_loss``, ``seconds`` (training time since the previous entry) and
-        ``test_elbo``.
-    :raises TrainingDiverged: when a loss is NaN or infinite.
-
-    Example::
-
-        model, guide = VAE(latent_dim=10), make_guide("mean_field", latent_dim=10)
-        result = fit_wake_sleep(model, guide, x_train, objective="wake_sleep", epochs=5,
-                                binarize="dynamic", eval_data=x_test)
-        result.history[-1]["test_elbo"]  # nats per datapoint
-    """
-    if not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    for name, value in (("lr", lr), ("guide_lr", lr if guide_lr is None else guide_lr)):
-        if not (value >= 0 and math.isfinite(value)):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    algo = make_objective(objective)
-    if isinstance(algo, ReweightedWakeSleep) and getattr(model, "site_scales", None):
-        raise ValueError(f"wake-sleep has no KL term to weight: site scales {model.site_scales} (beta) "
-                         "apply to objective='aevb' only; build the model with beta=1")
-    model_params, guide_params = _params(model, "model"), _params(guide, "guide")
-    x, extra = data_tensors(data)
-    check_data(x, "data")  # all of it, before batching hides a row's position or a missing batch dimension
-    check_row_shape(model, guide, x, "data")
-    if binarize in BINARIZATIONS and binarize != "none":
-        check_unit_interval(x, "data", binarize)
-    dev = resolve_device(device, x)
-    x, extra = x.to(dev), (extra.to(dev) if extra is not None else None)
-    model.to(dev)
-    guide.to(dev)
-    if eval_data is not None:
-        eval_x, eval_extra = data_tensors(eval_data)
-        check_data(eval_x, "eval_data")
-        eval_x = eval_x.to(dev)
-        if binarize != "none":  # held-out data fixed across evaluations, as in fit()
-            eval_x = binarize_fn(eval_x, "static" if binarize == "dynamic" else binarize)
-        eval_args = (eval_extra.to(dev),) if eval_extra is not None else ()
-    transform = None if binarize == "none" else (lambda b: binarize_fn(b, binarize))
-    if transform is not None:
-        transform(x[:1])  # validate the mode before training
-    batches = DeviceBatches(x, batch_size, shuffle=True, transform=transform, extra=extra)
-    total = epochs * x.shape[0]
-    if eval_at is None:
-        marks = [e * x.shape[0] for e in range(1, epochs + 1)]
-    else:
-        marks = sorted({int(m) for m in eval_at if 0 < m < total} | {total})
-
-    pyro.set_rng_seed(seed)
-    pyro.clear_param_store()
-    model_opt = torch.optim.Adam(model_params, lr=lr) if model_params else None
-    guide_opt = torch.optim.Adam(guide_params, lr=lr if guide_lr is None else guide_lr) if guide_params else None
-    same = isinstance(algo, AEVB)
-
-    history: list[dict[str, Any]] = []
-    seen, next_mark = 0, 0
-    acc = {"train_elbo": 0.0, "model_loss": 0.0, "guide_loss": 0.0, "n": 0, "seconds": 0.0}
-    for epoch in range(1, epochs + 1):
-        model.train()
-        guide.train()
-        bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", disable=progress is not True, leave=False)
-        t0 = time.perf_counter()
-        for step, batch in enumerate(bar, start=1):
-            args = batch if isinstance(batch, tuple) else (batch,)
-            losses = algo(model, guide, *args)
-            for p in (*model_params, *guide_params):
-                p.grad = None
-            if same:
-                losses.model_loss.backward()
-            else:
-                _set_grads(losses.model_loss, model_params, retain=True)
-                _set_grads(losses.guide_loss, guide_params, retain=False)
-            ml, gl = losses.model_loss.item(), losses.guide_loss.item()
-            if not (math.isfinite(ml) and math.isfinite(gl)):
-                which, bad = ("model", ml) if not math.isfinite(ml) else ("guide", gl)
-                raise TrainingDiverged(f"the {which} loss became {bad}", epoch, step, len(batches), None, loss=bad)
-            for opt in (model_opt, guide_opt):
-                if opt is not None:
-                    opt.step()
-            n = args[0].shape[0]
-            seen += n
-            for key, value in (("train_elbo", losses.train_elbo), ("model_loss", ml), ("guide_loss", gl)):
-                acc[key] += value * n
-            acc["n"] += n
-            bar.set_postfix(elbo=f"{acc['train_elbo'] / acc['n']:.2f}")
-            if next_mark < len(marks) and seen >= marks[next_mark]:
-                acc["seconds"] += time.perf_counter() - t0
-                record = {"epoch": epoch, "samples_seen": seen,
-                          **{k: acc[k] / acc["n"] for k in ("train_elbo", "model_loss", "guide_loss")},
-                          "seconds": acc["seconds"]}
-                if eval_data is not None:
-                    model.eval()
-                    guide.eval()
-                    record["test_elbo"] = evaluate.elbo(model, guide, eval_x, *eval_args,
-                                                        num_samples=eval_samples).mean().item()
-                    model.train()
-                    guide.train()
-                history.append(record)
-                if progress:
-                    tail = f", test ELBO {record['test_elbo']:.2f}" if "test_elbo" in record else ""
-                    tqdm.write(f"{seen} samples: train ELBO {record['train_elbo']:.2f} nats/datapoint{tail}")
-                acc = {"train_elbo": 0.0, "model_loss": 0.0, "guide_loss": 0.0, "n": 0, "seconds": 0.0}
-                while next_mark < len(marks) and marks[next_mark] <= seen:
-                    next_mark += 1
-                t0 = time.perf_counter()
-        acc["seconds"] += time.perf_counter() - t0
-    for p in (*model_params, *guide_params):
-        p.grad = None  # leave no stale gradient for a later optimizer (SVI adds to .grad)
-    model.eval()
-    guide.eval()
-    return FitResult(history=history, device=str(dev))
-
-
-def _set_grads(loss: torch.Tensor, params: list[torch.Tensor], *, retain: bool) -> None:
-    """Give ``params`` the gradient of ``loss`` (and nothing else a gradient of it)."""
-    if not params or not loss.requires_grad:
-        return
-    grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain)
-    for p, g in zip(params, grads):
-        p.grad = g
+        Each term reaches only its own network, so one backward pass gives the generator the
+        gradient of the wake-theta loss and the recognition network that of its guide loss.
+        :attr:`terms` then holds the step's monitored numbers (``train_elbo``, ``model_loss``,
+        ``guide_loss``), which :func:`vi_lab.fit` averages into its history.
+        """
+        losses = self.phases(model, guide, x, *args)
+        self.terms = {"train_elbo": losses.train_elbo, "model_loss": losses.model_loss.item(),
+                      "guide_loss": losses.guide_loss.item()}
+        return losses.model_loss + losses.guide_loss

@@ -5,6 +5,11 @@ trained on a reconstruction loss alone (binary cross-entropy or squared error su
 over pixels; no prior, no KL). The denoising autoencoder (Vincent et al., 2008) is
 the same network fed a corrupted input and asked for the clean one.
 
+It trains in vi_lab's one loop as a Pyro model without latent variables
+(:meth:`Autoencoder.model`: a factor of minus the reconstruction loss per datapoint,
+and an empty :meth:`Autoencoder.guide`), so its "ELBO" is minus its reconstruction
+loss and :func:`vi_lab.fit` gives it batching, binarization, checkpoints and resume.
+
 It has no distribution over codes, so "sampling" means decoding latent points chosen
 by hand: :meth:`Autoencoder.sample` decodes ``z ~ N(0, I)`` (the VAE's prior) and
 :func:`random_codes` draws from other guesses (uniform in the box the training codes
@@ -15,15 +20,12 @@ compare with the VAE's prior samples.
 from __future__ import annotations
 
 import math
-import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
+import pyro
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from vi_lab.data import DeviceBatches, binarize as binarize_fn
-from vi_lab.device import resolve_device
 from vi_lab.nets import make_decoder, make_encoder
 
 
@@ -68,11 +70,12 @@ class Autoencoder(nn.Module):
     :param corruption: a key of :data:`CORRUPTIONS`; ``"none"`` is the plain autoencoder.
     :param noise: corruption level (noise standard deviation, or masked fraction).
     :param x_dim: flattened observation size.
+    :param name: prefix of its parameters in Pyro's param store.
 
     Example::
 
         dae = Autoencoder(latent_dim=20, hidden=[400], corruption="masking", noise=0.5)
-        fit_autoencoder(dae, x_train, epochs=10)
+        vi_lab.fit(dae.model, dae.guide, x_train, epochs=10)  # train_elbo = -reconstruction loss
         dae.reconstruct(x_test[:8])  # (8, 784), in [0, 1]
     """
 
@@ -86,6 +89,7 @@ class Autoencoder(nn.Module):
         corruption: str = "none",
         noise: float = 0.0,
         x_dim: int = 784,
+        name: str = "autoencoder",
     ) -> None:
         super().__init__()
         if not isinstance(latent_dim, int) or latent_dim < 1:
@@ -99,7 +103,7 @@ class Autoencoder(nn.Module):
             raise ValueError(f"noise must be in [0, {max_noise}) for corruption {corruption!r}, got {noise!r}")
         if corruption != "none" and noise == 0.0:
             raise ValueError(f"corruption {corruption!r} with noise=0 is the plain autoencoder; give noise > 0")
-        self.latent_dim, self.x_dim, self.loss_name = latent_dim, x_dim, loss
+        self.latent_dim, self.x_dim, self.loss_name, self.name = latent_dim, x_dim, loss, name
         self.corruption, self.noise = corruption, float(noise)
         hidden_list = [hidden] if isinstance(hidden, int) else list(hidden)
         self.encoder = make_encoder(arch, x_dim, hidden_list)
@@ -125,6 +129,15 @@ class Autoencoder(nn.Module):
         """
         x_in = CORRUPTIONS[self.corruption](x, self.noise) if self.training else x
         return RECONSTRUCTION_LOSSES[self.loss_name](self(x_in), x)
+
+    def model(self, x: torch.Tensor) -> None:
+        """The Pyro model :func:`vi_lab.fit` trains: ``-loss(x)`` as a factor per datapoint, no latent site."""
+        pyro.module(self.name, self)
+        with pyro.plate("data", x.shape[0]):
+            pyro.factor("reconstruction", -self.loss(x))
+
+    def guide(self, x: torch.Tensor) -> None:
+        """Nothing to infer: the code is a deterministic function of x."""
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -200,68 +213,3 @@ def reconstruction_loss(ae: Autoencoder, x: torch.Tensor, batch_size: int = 1000
     out = torch.cat([ae.loss(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
     ae.train(was_training)
     return out
-
-
-def fit_autoencoder(
-    ae: Autoencoder,
-    x: torch.Tensor,
-    *,
-    epochs: int = 10,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    device: str | torch.device | None = None,
-    seed: int = 0,
-    binarize: str = "none",
-    eval_data: torch.Tensor | None = None,
-    progress: bool | str = True,
-) -> list[dict[str, Any]]:
-    """Train an autoencoder with Adam on its reconstruction loss (mean over the batch).
-
-    :param ae: the model.
-    :param x: training images ``(N, x_dim)`` in [0, 1].
-    :param epochs: passes over the data.
-    :param batch_size: images per step.
-    :param lr: Adam learning rate.
-    :param device: ``None`` keeps the data's device, ``"auto"`` picks ``cuda`` when available, or a device.
-    :param seed: seeds torch at the start.
-    :param binarize: per-batch binarization (``"dynamic"`` as for the VAE).
-    :param eval_data: held-out images, in the training format; their loss is recorded.
-    :param progress: ``True``: a tqdm bar and one line per epoch; ``"epochs"``: the lines only;
-        ``False``: nothing.
-    :returns: history, one dict per epoch: ``epoch``, ``train_loss`` and ``test_loss``
-        (per image, summed over pixels: nats for ``bce`` on binary images), ``seconds``.
-
-    Example::
-
-        history = fit_autoencoder(Autoencoder(latent_dim=20), x_train, epochs=5)
-    """
-    if not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
-    dev = resolve_device(device, x)
-    torch.manual_seed(seed)
-    ae.to(dev)
-    x = x.to(dev)
-    transform = None if binarize == "none" else (lambda b: binarize_fn(b, binarize))
-    if transform is not None:
-        transform(x[:1])  # validate the mode before training
-    batches = DeviceBatches(x, batch_size, shuffle=True, transform=transform)
-    opt = torch.optim.Adam(ae.parameters(), lr=lr)
-    history: list[dict[str, Any]] = []
-    for epoch in range(1, epochs + 1):
-        ae.train()
-        t0, total, seen = time.perf_counter(), 0.0, 0
-        for batch in tqdm(batches, desc=f"epoch {epoch}/{epochs}", disable=progress is not True, leave=False):
-            loss = ae.loss(batch).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total, seen = total + loss.item() * batch.shape[0], seen + batch.shape[0]
-        record: dict[str, Any] = {"epoch": epoch, "train_loss": total / seen, "seconds": time.perf_counter() - t0}
-        if eval_data is not None:
-            record["test_loss"] = reconstruction_loss(ae, eval_data.to(dev)).mean().item()
-        history.append(record)
-        if progress:
-            tail = f", test loss {record['test_loss']:.2f}" if "test_loss" in record else ""
-            tqdm.write(f"epoch {epoch}: train loss {record['train_loss']:.2f}{tail} ({record['seconds']:.1f} s)")
-    ae.eval()
-    return history
