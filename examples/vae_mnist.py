@@ -1,219 +1,33 @@
 """Train a VAE on MNIST and measure it: ELBO, importance-sampled log p(x), pictures.
 
 Run ``python examples/vae_mnist.py`` (defaults finish in a few minutes on a 2-core CPU)
-or ``python examples/vae_mnist.py --help`` for the options. Writes to ``--out DIR``
-(default ``runs/<timestamp>/``): ``metrics.json``, ``samples.png``,
-``reconstructions.png``, ``curves.png``, ``manifold.png`` (when ``--latent-dim 2``),
-the latent-space pictures ``interpolation.png``, ``traversals.png``, ``edits.png`` and
-``latent_scatter.png`` (encoder means by label, PCA when D > 2),
-``metrics.jsonl``, ``config.json`` (the options, checked on ``--resume``) and the checkpoint
-``last.pt``. An ``--out`` that already holds files is refused unless ``--resume`` (continue
-that run; ``--lr`` and ``--epochs`` may change) or ``--overwrite`` (replace it).
+or ``python examples/vae_mnist.py --help`` for the options. It is ``vi-lab train``: the
+same options and the same outputs in ``--out DIR`` (default ``runs/<timestamp>/``):
+``metrics.json``, ``samples.png``, ``reconstructions.png``, ``curves.png``,
+``manifold.png`` (when ``--latent-dim 2``), ``interpolation.png``, ``traversals.png``,
+``edits.png``, ``latent_scatter.png``, ``metrics.jsonl``, ``config.json`` and the
+checkpoint ``last.pt``. An ``--out`` that already holds files is refused unless
+``--resume`` (continue that run; ``--lr`` and ``--epochs`` may change) or ``--overwrite``.
+
+What the command does, in the library's own calls (``vi_lab/commands/train.py`` adds the
+options, checks and pictures around them)::
+
+    import vi_lab
+    from vi_lab import evaluate, viz
+    from vi_lab.runs import load_data
+
+    data = load_data("mnist", binarization="dynamic")          # test set binarized once
+    model = vi_lab.VAE(latent_dim=20, hidden=[400])
+    guide = vi_lab.make_guide("mean_field", latent_dim=20, hidden=[400])
+    result = vi_lab.fit(model, guide, data.x_train, epochs=10, binarize="dynamic",
+                        eval_data=data.x_test, checkpoint_dir="runs/vae")
+    ll = vi_lab.log_likelihood(model, guide, data.x_test, num_samples=1000)  # (N,) nats
+    viz.save_samples(model, "runs/vae/samples.png")
 """
 
-from __future__ import annotations
+import sys
 
-import argparse
-import dataclasses
-import datetime as _dt
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
-import pyro
-import torch
-
-import vi_lab
-from vi_lab import evaluate, runs, viz
-from vi_lab.data import BINARIZATIONS
-from vi_lab.estimators import BASELINES, ESTIMATORS
-from vi_lab.guides import GUIDES, guide_options
-from vi_lab.models import LIKELIHOODS
-from vi_lab.nets import ARCHS
-
-
-@dataclass(frozen=True)
-class Config(runs.CommonConfig):
-    """Everything one run depends on; written into metrics.json."""
-
-    epochs: int = 10
-    latent_dim: int = 20
-    hidden: tuple[int, ...] = (400,)
-    arch: str = "mlp"
-    likelihood: str = "bernoulli"
-    binarize: str | None = None  # None: dynamic for bernoulli, none otherwise
-    beta: float = 1.0
-    guide: str = "mean_field"
-    flow_steps: int | None = None  # iaf / planar / radial (None: the family's default)
-    rank: int | None = None  # low_rank
-    components: int | None = None  # mixture
-    loss: str = "trace"
-    estimator: str = "reparam"  # gradient estimator (vi_lab.estimators.ESTIMATORS)
-    baseline: str | None = None  # reinforce_baseline: decaying_avg (default) or nn
-    batch_size: int = 128
-    lr: float = 1e-3
-    resume: str | None = None
-
-
-#: guide family options settable from the command line (see vi_lab.guides.guide_options)
-FAMILY_FLAGS = {"flow_steps": "--flow-steps", "rank": "--rank", "components": "--components"}
-
-
-def parse_args(argv: list[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    runs.add_common_args(p)
-    p.add_argument("--latent-dim", type=int, default=Config.latent_dim)
-    p.add_argument("--hidden", type=int, nargs="+", default=list(Config.hidden), help="hidden widths, e.g. 400 or 500 500")
-    p.add_argument("--arch", choices=ARCHS, default=Config.arch)
-    p.add_argument("--likelihood", choices=sorted(LIKELIHOODS), default=Config.likelihood)
-    p.add_argument("--binarize", choices=BINARIZATIONS, default=None,
-                   help="default: dynamic for the bernoulli likelihood, none otherwise")
-    p.add_argument("--beta", type=float, default=Config.beta, help="weight of the KL term (beta-VAE)")
-    p.add_argument("--guide", default=Config.guide, help=f"guide family: {', '.join(sorted(GUIDES))}")
-    p.add_argument("--flow-steps", type=int, default=None, help="flow steps of iaf/planar/radial (default 2/8/8)")
-    p.add_argument("--rank", type=int, default=None, help="rank of the low_rank guide's factor (default 2)")
-    p.add_argument("--components", type=int, default=None, help="components of the mixture guide (default 5)")
-    p.add_argument("--loss", choices=sorted(vi_lab.infer.LOSSES), default=Config.loss)
-    p.add_argument("--estimator", choices=list(ESTIMATORS), default=Config.estimator,
-                   help="gradient estimator: pathwise (reparam) or score function (reinforce, reinforce_baseline)")
-    p.add_argument("--baseline", choices=list(BASELINES), default=None,
-                   help="baseline of reinforce_baseline (default decaying_avg)")
-    p.add_argument("--batch-size", type=int, default=Config.batch_size)
-    p.add_argument("--lr", type=float, default=Config.lr)
-    p.add_argument("--resume", default=None, help="a run directory (or its last.pt) to continue")
-    a = p.parse_args(argv)
-    kw = vars(a)
-    kw["hidden"] = tuple(kw["hidden"])
-    cfg = Config(**kw)
-    if cfg.guide not in GUIDES:
-        p.error(f"unknown guide {cfg.guide!r}; valid names: {', '.join(sorted(GUIDES))}")
-    takes = [o for o in guide_options(cfg.guide) if o in FAMILY_FLAGS]
-    for option in guide_kwargs(cfg):
-        if option not in takes:
-            flags = ", ".join(FAMILY_FLAGS[o] for o in takes) or "no family options"
-            p.error(f"{FAMILY_FLAGS[option]} does not apply to the {cfg.guide} guide (it takes {flags})")
-    return cfg
-
-
-def guide_kwargs(cfg: Config) -> dict:
-    """The family options given on the command line (make_guide checks they apply)."""
-    return {k: getattr(cfg, k) for k in FAMILY_FLAGS if getattr(cfg, k) is not None}
-
-
-def build(cfg: Config) -> tuple[vi_lab.VAE, torch.nn.Module]:
-    """The model/guide pair a config describes."""
-    model = vi_lab.VAE(cfg.latent_dim, list(cfg.hidden)[::-1], arch=cfg.arch, likelihood=cfg.likelihood, beta=cfg.beta)
-    guide = vi_lab.make_guide(cfg.guide, latent_dim=cfg.latent_dim, hidden=list(cfg.hidden), arch=cfg.arch,
-                              **guide_kwargs(cfg))
-    return model, guide
-
-
-def main(cfg: Config) -> dict:
-    device = runs.setup(cfg.threads, cfg.device)
-    out = runs.out_dir(cfg.out, cfg.resume, overwrite=cfg.overwrite)
-    runs.record_config(out, cfg, cfg.resume)
-    mode = cfg.binarize or runs.default_binarization(cfg.likelihood)
-    data = runs.load_data(cfg.dataset, data_dir=cfg.data_dir, device=device, train_size=cfg.train_size,
-                          eval_size=cfg.eval_size, binarization=mode, seed=cfg.seed)
-    x_train, x_test, source = data.x_train, data.x_test, data.source
-    pyro.set_rng_seed(cfg.seed)  # --seed fixes the initial weights too, not only training
-    model, guide = build(cfg)
-
-    result = vi_lab.fit(
-        model, guide, x_train, loss=cfg.loss, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-        estimator=cfg.estimator, baseline=cfg.baseline,
-        device=device, seed=cfg.seed, checkpoint_dir=out, resume=_resume_path(cfg) if cfg.resume else False,
-        progress=runs.fit_progress(cfg.progress), binarize=data.fit_binarize, eval_data=x_test,
-    )
-
-    print(f"evaluating {len(x_test)} test images: ELBO, and log p(x) with K={cfg.eval_samples} importance "
-          f"samples each ...", flush=True)
-    t0 = time.perf_counter()
-    terms = evaluate.elbo_terms(model, guide, x_test, num_samples=1)
-    ll = evaluate.log_likelihood(model, guide, x_test, num_samples=cfg.eval_samples,
-                                 progress="log p(x)" if cfg.progress else False)
-    eval_seconds = time.perf_counter() - t0
-    print(f"evaluated in {eval_seconds:.1f} s", flush=True)
-    sem = (ll.std() / len(ll) ** 0.5).item() if len(ll) > 1 else float("nan")
-    metrics = {
-        "train_elbo": result.train_elbo,
-        "test_elbo": terms["elbo"].mean().item(),
-        "test_log_likelihood": ll.mean().item(),
-        "test_log_likelihood_sem": sem,
-        "test_reconstruction": terms["reconstruction"].mean().item(),
-        "test_kl": terms["kl"].mean().item(),
-        "eval_samples": cfg.eval_samples,
-        "eval_size": len(x_test),
-        "eval_seconds": eval_seconds,
-        "epochs": len(result.history),
-        "seconds_per_epoch": result.seconds_per_epoch,
-        "train_size": len(x_train),
-        "binarization": mode,
-        "dataset": cfg.dataset,
-        "data_source": source,
-        "data_fallback": data.fallback,
-        "device": result.device,
-        "guide": cfg.guide,
-        "guide_options": guide_kwargs(cfg),
-        "units": "nats per datapoint (higher is better)",
-        "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "command": runs.command_line(),
-        "config": dataclasses.asdict(cfg),
-        "history": result.history,
-    }
-    runs.write_json(out / "metrics.json", metrics)
-    viz.save_samples(model, out / "samples.png")
-    viz.save_reconstructions(model, guide, x_test, out / "reconstructions.png")
-    viz.save_curves(result.history, out / "curves.png",
-                    title=f"VAE on {cfg.dataset} ({cfg.guide} guide, D={cfg.latent_dim})")
-    if cfg.latent_dim == 2:
-        viz.save_manifold(model, out / "manifold.png")
-    pictures = save_latent_pictures(model, guide, x_test, data.y_test, out)
-
-    print()
-    trained = f"{metrics['train_elbo']:.2f}" if result.history else "n/a (0 epochs)"
-    print(runs.format_table([
-        ("metric (nats per datapoint)", "value"),
-        ("train ELBO (last epoch)", trained),
-        (f"test ELBO ({len(x_test)} images)", f"{metrics['test_elbo']:.2f}"),
-        (f"test log-likelihood (K={cfg.eval_samples})", f"{metrics['test_log_likelihood']:.2f} +/- {sem:.2f}"),
-        ("test reconstruction E_q[log p(x|z)]", f"{metrics['test_reconstruction']:.2f}"),
-        ("test KL(q(z|x) || p(z))", f"{metrics['test_kl']:.2f}"),
-        ("seconds per epoch", f"{metrics['seconds_per_epoch']:.1f} ({result.device})" if result.history else "n/a"),
-        ("data", f"{cfg.dataset}, {len(x_train)} train / {len(x_test)} test"
-                 f"{' (EMBEDDED FALLBACK)' if data.fallback else ''}"),
-    ]))
-    files = ["metrics.json", "config.json", "samples.png", "reconstructions.png", "curves.png"]
-    files += ["manifold.png"] * (cfg.latent_dim == 2) + [p.name for p in pictures]
-    files += ["metrics.jsonl", "last.pt"] if result.checkpoint is not None else []
-    print(f"\ndata: {source}; wrote {out}/ ({', '.join(files)})"
-          f"{'' if result.checkpoint is not None else '; no checkpoint (0 epochs trained)'}")
-    unstable = [h["epoch"] for h in result.history if h.get("unstable")]
-    if unstable:
-        print(f"WARNING: the training ELBO exploded in epoch(s) {unstable} (see the warning above): lower --lr; "
-              f"these numbers are not trustworthy.")
-    runs.print_fallback_banner(data)  # last, where it cannot be missed
-    return metrics
-
-
-def save_latent_pictures(model, guide, x_test: torch.Tensor, y_test: torch.Tensor, out: Path) -> list[Path]:
-    """Interpolation, traversals, editing and the scatter of encoder means, from test images."""
-    pairs = min(4, len(x_test) // 2)
-    paths = [viz.save_traversals(model, guide, x_test[:500], out / "traversals.png"),
-             viz.save_edits(model, guide, x_test[:500], out / "edits.png")]
-    if pairs:
-        paths.append(viz.save_interpolation(model, guide, x_test[:pairs], x_test[pairs:2 * pairs],
-                                            out / "interpolation.png"))
-    if model.latent_dim >= 2:
-        paths.append(viz.save_latent_scatter(guide, x_test[:2000], y_test[:2000], out / "latent_scatter.png"))
-    return paths
-
-
-def _resume_path(cfg: Config) -> Path:
-    r = Path(cfg.resume)
-    return r if r.is_file() else r / vi_lab.infer.CHECKPOINT_NAME
-
+from vi_lab.commands import train
 
 if __name__ == "__main__":
-    with runs.user_errors():
-        main(parse_args())
+    train.run(sys.argv[1:], prog="python examples/vae_mnist.py")

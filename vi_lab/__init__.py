@@ -10,19 +10,48 @@ Example::
     model = vi_lab.VAE(latent_dim=20)
     guide = vi_lab.make_guide("mean_field", latent_dim=20)
     vi_lab.fit(model, guide, train.images, epochs=10, binarize="dynamic")
+
+The names below are imported on first use, so ``import vi_lab`` (and the ``vi-lab``
+command's help) does not pay for torch and Pyro until something needs them.
 """
 
-from vi_lab.contract import ContractError, check_pair
-from vi_lab.data import load_dataset
-from vi_lab.evaluate import elbo, log_likelihood
-from vi_lab.guides import GUIDES, make_guide
-from vi_lab.device import pick_device
-from vi_lab.infer import FitResult, TrainingDiverged, TrainingUnstable, fit
-from vi_lab.models import VAE
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "GUIDES", "VAE", "ContractError", "FitResult", "TrainingDiverged", "TrainingUnstable", "check_pair", "elbo",
-    "fit", "load_dataset", "log_likelihood", "make_guide", "pick_device",
-]
+#: public name -> the module that defines it
+_EXPORTS = {
+    "ContractError": "vi_lab.contract", "check_pair": "vi_lab.contract",
+    "load_dataset": "vi_lab.data",
+    "elbo": "vi_lab.evaluate", "log_likelihood": "vi_lab.evaluate",
+    "GUIDES": "vi_lab.guides", "make_guide": "vi_lab.guides",
+    "pick_device": "vi_lab.device",
+    "FitResult": "vi_lab.infer", "TrainingDiverged": "vi_lab.infer", "TrainingUnstable": "vi_lab.infer",
+    "fit": "vi_lab.infer",
+    "VAE": "vi_lab.models",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif not name.startswith("__"):
+        try:  # vi_lab.infer, vi_lab.gaps, ... after a bare `import vi_lab`
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

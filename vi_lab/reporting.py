@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 def format_table(rows: list[tuple[Any, ...]]) -> str:
@@ -21,3 +24,17 @@ def write_json(path: str | Path, obj: Any) -> Path:
     path = Path(path)
     path.write_text(json.dumps(obj, indent=2, default=str))
     return path
+
+
+def mean_sem(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard error of the mean of per-datapoint values (finite entries only).
+
+    :param values: shape ``(N,)``.
+    :returns: ``(mean, sem)``; the sem is NaN for a single value.
+    """
+    v = values.detach().double().flatten()
+    v = v[torch.isfinite(v)]
+    if v.numel() == 0:
+        return float("nan"), float("nan")
+    sem = (v.std() / math.sqrt(v.numel())).item() if v.numel() > 1 else float("nan")
+    return v.mean().item(), sem

@@ -26,8 +26,8 @@ from vi_lab.checkpoint import CheckpointError
 from vi_lab.contract import ContractError
 from vi_lab.data import DATASETS, binarize, load_dataset
 from vi_lab.device import pick_device
-from vi_lab.infer import TrainingDiverged
-from vi_lab.reporting import format_table, write_json  # noqa: F401 (the examples' runs.format_table)
+from vi_lab.infer import TrainingDiverged, heldout_binarized
+from vi_lab.reporting import format_table, mean_sem, write_json  # noqa: F401 (runs.format_table, runs.mean_sem)
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,13 @@ class RunData:
     binarization: str
     source: str
     fallback: bool = False  # the small embedded copy, not the real dataset
+    name: str = "mnist"  # the dataset's name, or the user's file or folder
+    image_shape: tuple[int, int] | None = (28, 28)  # None: plain vectors
+
+    @property
+    def drawable(self) -> bool:
+        """Whether datapoints are square grey images, the pictures the viz module draws."""
+        return self.image_shape is not None and self.image_shape[0] == self.image_shape[1]
 
     @property
     def fit_binarize(self) -> str:
@@ -63,6 +70,7 @@ class CommonConfig:
 
     epochs: int = 10
     dataset: str = "mnist"
+    data: str | None = None  # the user's own data: a file, a folder of images or torchvision:<Class>
     data_dir: str | None = None
     device: str | None = None
     seed: int = 0
@@ -77,7 +85,7 @@ class CommonConfig:
 
 def add_common_args(p: argparse.ArgumentParser, *, epochs: int = 10, eval_size: int = 1000,
                     eval_samples: int = 1000) -> None:
-    """Add ``--epochs --dataset --data-dir --device --seed --train-size --eval-size
+    """Add ``--epochs --dataset --data --data-dir --device --seed --train-size --eval-size
     --eval-samples --out --overwrite --threads --no-progress`` to a parser.
 
     :param p: the example's parser.
@@ -87,6 +95,10 @@ def add_common_args(p: argparse.ArgumentParser, *, epochs: int = 10, eval_size: 
     """
     p.add_argument("--epochs", type=int, default=epochs, help="training epochs (default %(default)s)")
     p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="your own data instead of --dataset: a .npy/.npz/.pt array of images (N, H, W) or vectors "
+                        "(N, D), a folder of image files (train/ and test/ subfolders optional), or "
+                        "torchvision:<Class>; the model's input size follows it")
     p.add_argument("--data-dir", default=None, help="directory with the IDX files (else VI_LAB_DATA, ./data, ...)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
@@ -281,11 +293,12 @@ def load_data(dataset: str = "mnist", *, data_dir: str | None = None, device: to
               seed: int = 0) -> RunData:
     """Load train and test splits, cut them to size, binarize them.
 
-    :param dataset: a key of :data:`vi_lab.data.DATASETS`.
+    :param dataset: a key of :data:`vi_lab.data.DATASETS`, or the user's data (a path, or
+        ``torchvision:<Class>``; see :func:`vi_lab.data.load_dataset`).
     :param train_size: first N training images (all when None).
     :param eval_size: first N test images (all when None).
     :param binarization: ``dynamic``, ``static``, ``threshold`` or ``none``.
-    :param seed: seed of static binarizations.
+    :param seed: the run's seed; static draws use it (training) and ``seed + 1`` (held out).
 
     Example::
 
@@ -302,11 +315,12 @@ def load_data(dataset: str = "mnist", *, data_dir: str | None = None, device: to
     x_train = train.images
     if binarization in ("static", "threshold"):
         x_train = binarize(x_train, binarization, seed=seed)
-    test_mode = "static" if binarization == "dynamic" else binarization
-    x_test = binarize(test.images, test_mode, seed=seed + 1)
-    data = RunData(x_train, train.labels, x_test, test.labels, binarization, train.source,
-                   train.fallback or test.fallback)
+    data = RunData(x_train, train.labels, heldout_binarized(test.images, binarization, seed), test.labels,
+                   binarization, train.source, train.fallback or test.fallback, train.name,
+                   getattr(train, "image_shape", (28, 28)))
     print_fallback_banner(data)  # first, before any training output
+    if dataset not in DATASETS:
+        print(f"data: {train.describe()}; test: {len(test)} rows", flush=True)
     return data
 
 
@@ -344,4 +358,26 @@ def _ours(err: BaseException) -> bool:
 
 def command_line() -> str:
     """The command that started this process, for provenance in JSON outputs."""
-    return " ".join(["python", *sys.argv]) if sys.argv and sys.argv[0] else ""
+    if not sys.argv or not sys.argv[0]:
+        return ""
+    first = Path(sys.argv[0]).name
+    if first == "vi-lab":
+        return " ".join(["vi-lab", *sys.argv[1:]])
+    if first == "__main__.py" and Path(sys.argv[0]).parent.name == "vi_lab":
+        return " ".join(["python -m vi_lab", *sys.argv[1:]])
+    return " ".join(["python", *sys.argv])
+
+
+def provenance(cfg: Any) -> dict[str, Any]:
+    """When, by which command and with which options an output was made: the block every JSON output ends with.
+
+    :param cfg: the command's frozen config dataclass.
+    """
+    return {"date": _dt.datetime.now().isoformat(timespec="seconds"), "command": command_line(),
+            "config": dataclasses.asdict(cfg)}
+
+
+def run_command(parse_args: Any, main: Any, argv: list[str] | None, prog: str | None) -> Any:
+    """Parse ``argv`` and run a command, with :func:`user_errors` (the ``run`` of every command module)."""
+    with user_errors():
+        return main(parse_args(argv, prog))

@@ -7,6 +7,7 @@ ELBOs and log-likelihoods are labelled in nats per datapoint (higher is better).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,9 +17,21 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from torchvision.utils import make_grid, save_image  # noqa: E402
 
-IMAGE_SHAPE = (1, 28, 28)
+IMAGE_SHAPE = (1, 28, 28)  # MNIST's; other square images are recognised by their size
+
+
+def image_shape(x_dim: int) -> tuple[int, int, int]:
+    """The ``(1, H, W)`` a flattened grey image of ``x_dim`` pixels is drawn as: square images only.
+
+    :param x_dim: pixels per image.
+    :raises ValueError: when ``x_dim`` is not a square number (vectors, or non-square images).
+    """
+    side = math.isqrt(x_dim)
+    if side * side != x_dim:
+        raise ValueError(f"cannot draw rows of {x_dim} values as pictures: only square grey images "
+                         f"(H*W values with H = W) are drawn")
+    return (1, side, side)
 
 
 def save_figure(fig: "plt.Figure", path: str | Path, *, dpi: int = 100, tight: bool = True) -> Path:
@@ -44,11 +57,26 @@ def save_figure(fig: "plt.Figure", path: str | Path, *, dpi: int = 100, tight: b
     return path
 
 
-def _as_images(x: torch.Tensor, image_shape=IMAGE_SHAPE) -> torch.Tensor:
-    return x.detach().float().cpu().reshape(-1, *image_shape).clamp(0, 1)
+def make_grid(images: torch.Tensor, **kwargs) -> torch.Tensor:
+    """torchvision's ``make_grid``, imported on first use (torchvision's import costs seconds)."""
+    from torchvision.utils import make_grid as grid
+
+    return grid(images, **kwargs)
 
 
-def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int = 8, image_shape=IMAGE_SHAPE) -> Path:
+def save_image(grid: torch.Tensor, path: str | Path) -> None:
+    """torchvision's ``save_image``, imported on first use."""
+    from torchvision.utils import save_image as save
+
+    save(grid, path)
+
+
+def _as_images(x: torch.Tensor, shape=None) -> torch.Tensor:
+    shape = shape or image_shape(x.shape[-1])
+    return x.detach().float().cpu().reshape(-1, *shape).clamp(0, 1)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int = 8, shape=None) -> Path:
     """Save flattened images ``(N, C*H*W)`` as one grid PNG.
 
     :param images: values in [0, 1].
@@ -57,7 +85,7 @@ def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int = 8, image_sh
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(make_grid(_as_images(images, image_shape), nrow=nrow, padding=2, pad_value=1.0), path)
+    save_image(make_grid(_as_images(images, shape), nrow=nrow, padding=2, pad_value=1.0), path)
     return path
 
 
@@ -236,10 +264,11 @@ GRID_MARGINS = (1.0, 1.0)
 def _save_labelled_grid(images: torch.Tensor, path: str | Path, *, rows: int, cols: int, title: str,
                         row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None,
                         xlabel: str | None = None, ylabel: str | None = None, dpi: int = 100,
-                        image_shape=IMAGE_SHAPE) -> Path:
+                        shape=None) -> Path:
     """Lay ``rows * cols`` flattened images (row-major) out as one titled, labelled figure."""
-    pad, h, w = 2, image_shape[1], image_shape[2]
-    grid = make_grid(_as_images(images, image_shape), nrow=cols, padding=pad, pad_value=1.0)  # (C, H', W')
+    shape = shape or image_shape(images.shape[-1])
+    pad, h, w = 2, shape[1], shape[2]
+    grid = make_grid(_as_images(images, shape), nrow=cols, padding=pad, pad_value=1.0)  # (C, H', W')
     width, height = GRID_MARGINS[0] + cols * CELL_INCHES, GRID_MARGINS[1] + rows * CELL_INCHES
     fig = plt.figure(figsize=(width, height))
     left, bottom = 0.85, 0.5  # inches: room for row labels / column labels and x label

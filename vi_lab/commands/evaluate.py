@@ -1,0 +1,162 @@
+"""``vi-lab eval RUN_DIR``: score a saved run of ``vi-lab train`` again, on any data.
+
+Rebuilds the run's model and guide from its ``config.json``, loads the weights of its
+checkpoint ``last.pt`` and reports, per datapoint and averaged, the ELBO and the
+importance-sampled log p(x) from the same K draws of the guide, and the PSIS k-hat of
+those draws (above 0.7 the log p(x) estimate of a datapoint is not trustworthy). By
+default it scores the run's own test split; ``--split train``, ``--dataset`` or
+``--data PATH`` score other data of the same size per datapoint. Held-out data are
+binarized as the run's were (:func:`vi_lab.infer.heldout_binarized`). Writes
+``RUN_DIR/eval_<data>_<split>_K<K>.json`` (or ``--out FILE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyro
+import torch
+
+from vi_lab import runs
+from vi_lab.checkpoint import load as load_checkpoint
+from vi_lab.commands import train
+from vi_lab.data import DATASETS, load_dataset
+from vi_lab.gaps import pareto_khat
+from vi_lab.infer import CHECKPOINT_NAME, heldout_binarized
+from vi_lab.evaluate import log_weights
+
+
+@dataclass(frozen=True)
+class Config:
+    """What ``vi-lab eval`` was asked; written into its JSON."""
+
+    run: str
+    split: str = "test"
+    dataset: str | None = None  # None: the run's
+    data: str | None = None
+    data_dir: str | None = None
+    eval_size: int = 1000
+    eval_samples: int = 1000
+    batch_size: int = 100
+    device: str | None = None
+    seed: int = 0
+    threads: int | None = None
+    progress: bool = True
+    out: str | None = None
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Config:
+    """The options of ``vi-lab eval``, declared once."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("``", ""))
+    p.add_argument("run", metavar="RUN_DIR", help="a directory written by vi-lab train (config.json, last.pt)")
+    p.add_argument("--split", choices=("test", "train"), default=Config.split)
+    p.add_argument("--dataset", choices=sorted(DATASETS), default=None, help="default: the run's dataset")
+    p.add_argument("--data", default=None, metavar="PATH", help="your own data (see vi-lab train --help)")
+    p.add_argument("--data-dir", default=None, help="directory with the dataset's files")
+    p.add_argument("--eval-size", type=int, default=Config.eval_size, help="first N datapoints (default %(default)s)")
+    p.add_argument("--eval-samples", type=int, default=Config.eval_samples,
+                   help="K importance samples per datapoint (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=Config.batch_size, help="datapoints per chunk of K draws")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=Config.seed)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.add_argument("--out", default=None, help="JSON file to write (default: in RUN_DIR)")
+    cfg = Config(**vars(p.parse_args(argv)))
+    for name in ("eval_size", "eval_samples", "batch_size"):
+        if getattr(cfg, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
+    return cfg
+
+
+def load_run(run: str | Path, device: torch.device | str = "cpu") -> tuple[train.Config, torch.nn.Module, torch.nn.Module]:
+    """The config, model and guide of a run of ``vi-lab train``, with the checkpoint's weights.
+
+    :param run: the run directory.
+    :param device: where to put the model and guide.
+    :raises ValueError: when the directory holds no such run.
+
+    Example::
+
+        cfg, model, guide = load_run("runs/vae")
+        vi_lab.log_likelihood(model, guide, x_test, num_samples=1000)
+    """
+    run = Path(run)
+    config_path, ckpt_path = run / runs.CONFIG_NAME, run / CHECKPOINT_NAME
+    for path in (config_path, ckpt_path):
+        if not path.is_file():
+            raise ValueError(f"{run} holds no run of vi-lab train: {path.name} is missing (a run directory has "
+                             f"config.json and last.pt)")
+    saved = json.loads(config_path.read_text()).get("config", {})
+    fields = {f.name for f in dataclasses.fields(train.Config)}
+    if not {"guide", "latent_dim", "likelihood"} <= set(saved):
+        raise ValueError(f"{run} was not written by vi-lab train (its config has no guide/latent_dim/likelihood); "
+                         f"vi-lab eval scores VAE runs")
+    kw = {k: (tuple(v) if k == "hidden" else v) for k, v in saved.items() if k in fields}
+    cfg = train.Config(**kw)
+    state = load_checkpoint(ckpt_path, map_location="cpu")
+    x_dim = state["settings"]["data"]["shape"][1] if state.get("settings") else 784
+    pyro.clear_param_store()
+    model, guide = train.build(cfg, x_dim)
+    for label, module in (("model", model), ("guide", guide)):
+        try:
+            module.load_state_dict(state[label])
+        except (RuntimeError, KeyError) as err:
+            raise ValueError(f"{ckpt_path} does not fit the {label} its config.json describes: {err}") from None
+    return cfg, model.to(device).eval(), guide.to(device).eval()
+
+
+def main(cfg: Config) -> dict:
+    device = runs.setup(cfg.threads, cfg.device)
+    run_cfg, model, guide = load_run(cfg.run, device)
+    name = cfg.data or cfg.dataset or run_cfg.data or run_cfg.dataset
+    ds = load_dataset(name, cfg.split, data_dir=cfg.data_dir or (run_cfg.data_dir if name == run_cfg.dataset else None),
+                      device=device)
+    ds = ds.subset(min(cfg.eval_size, len(ds)))
+    if ds.images.shape[1] != model.x_dim:
+        raise ValueError(f"the run's model takes {model.x_dim} values per datapoint; {ds.name} {cfg.split} has "
+                         f"{ds.images.shape[1]}: score it on data of the run's size")
+    mode = run_cfg.binarize or runs.default_binarization(run_cfg.likelihood)
+    x = heldout_binarized(ds.images, mode, cfg.seed)
+    pyro.set_rng_seed(cfg.seed)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        lw = log_weights(model, guide, x, num_samples=cfg.eval_samples, batch_size=cfg.batch_size,
+                         progress="log weights" if cfg.progress else False)  # (K, N)
+    seconds = time.perf_counter() - t0
+    elbo, ll = lw.mean(0), lw.logsumexp(0) - torch.log(lw.new_tensor(float(cfg.eval_samples)))
+    khat = pareto_khat(lw)
+    finite = khat[torch.isfinite(khat)]
+    result = {
+        "run": str(cfg.run), "dataset": ds.name, "split": cfg.split, "data_source": ds.source,
+        "eval_size": len(ds), "eval_samples": cfg.eval_samples, "binarization": mode,
+        "elbo": dict(zip(("mean", "sem"), runs.mean_sem(elbo))),
+        "log_likelihood": dict(zip(("mean", "sem"), runs.mean_sem(ll))),
+        "khat_mean": finite.mean().item() if len(finite) else None,
+        "khat_above_0.7": (finite > 0.7).double().mean().item() if len(finite) else None,
+        "seconds": seconds, "device": str(device), "guide": run_cfg.guide,
+        "units": "nats per datapoint (higher is better)", **runs.provenance(cfg),
+    }
+    out = Path(cfg.out) if cfg.out else Path(cfg.run) / f"eval_{Path(ds.name).stem}_{cfg.split}_K{cfg.eval_samples}.json"
+    runs.write_json(out, result)
+    print(runs.format_table([
+        (f"{cfg.run}: {run_cfg.guide} guide, D={run_cfg.latent_dim}", "nats per datapoint"),
+        (f"ELBO ({ds.name} {cfg.split}, {len(ds)} datapoints)", f"{result['elbo']['mean']:.2f} +/- "
+                                                                 f"{result['elbo']['sem']:.2f}"),
+        (f"log p(x), K={cfg.eval_samples}", f"{result['log_likelihood']['mean']:.2f} +/- "
+                                             f"{result['log_likelihood']['sem']:.2f}"),
+        ("PSIS k-hat: mean, share above 0.7",
+         "n/a" if result["khat_mean"] is None else f"{result['khat_mean']:.2f}, {result['khat_above_0.7']:.1%}"),
+    ]))
+    print(f"\nwrote {out} ({seconds:.1f} s on {device})")
+    return result
+
+
+def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    """``vi-lab eval RUN_DIR``; user errors end in one line (exit status 1)."""
+    return runs.run_command(parse_args, main, argv, prog)
