@@ -15,213 +15,35 @@ digits (a classifier trained on real digits; lower is closer; the distance betwe
 two sets of real digits is the floor).
 
 Run ``python examples/autoencoders.py`` (defaults: latent size 20, 10 epochs of 60,000
-images for each model, a few minutes on a 2-core CPU) or ``--help``. Writes to
-``--out DIR``: ``random_latents.png``, ``reconstructions.png`` (clean and corrupted
-inputs), ``metrics.json``.
+images for each model, a few minutes on a 2-core CPU) or ``--help``. It is
+``vi-lab autoencoders``: the same options and the same outputs in ``--out DIR``:
+``random_latents.png``, ``reconstructions.png`` (clean and corrupted inputs),
+``metrics.json``.
+
+What the command does, in the library's own calls (``vi_lab/commands/autoencoders.py``
+adds the options, the three ways of drawing codes, the tables and the pictures)::
+
+    import vi_lab
+    from vi_lab import metrics
+    from vi_lab.models.autoencoder import Autoencoder, random_codes
+    from vi_lab.runs import load_data
+
+    data = load_data("mnist", binarization="dynamic")
+    dae = Autoencoder(20, [400], corruption="gaussian", noise=0.3)
+    fit = vi_lab.fit(dae.model, dae.guide, data.x_train, epochs=10, binarize="dynamic")
+    # fit.history's train_elbo is minus the reconstruction loss (nats per image)
+    vae = vi_lab.VAE(20, [400])
+    vi_lab.fit(vae, vi_lab.make_guide("mean_field", latent_dim=20, hidden=[400]), data.x_train,
+               epochs=10, binarize="dynamic")
+    judge = metrics.train_classifier(data.x_train[:1000], data.y_train[:1000])
+    real = data.x_test[:1000]
+    metrics.frechet_distance(judge.features, real, dae.decode(random_codes(dae.encode(data.x_train), 1000)))
+    metrics.frechet_distance(judge.features, real, vae.sample(1000))     # lower is closer
 """
 
-from __future__ import annotations
+import sys
 
-import argparse
-import dataclasses
-import datetime as _dt
-from dataclasses import dataclass
-from typing import Callable
-
-import pyro
-import torch
-
-import vi_lab
-from vi_lab import evaluate, runs, viz
-from vi_lab.models.autoencoder import (
-    CODE_SAMPLERS,
-    CORRUPTIONS,
-    Autoencoder,
-    fit_autoencoder,
-    random_codes,
-    reconstruction_loss,
-)
-from vi_lab.models.cvae import train_classifier
-
-SAMPLER_LABELS = {"standard_normal": "z ~ N(0, I)", "box": "uniform in the code box",
-                  "fitted_gaussian": "Gaussian fitted to the codes"}
-
-
-@dataclass(frozen=True)
-class Config(runs.CommonConfig):
-    """Everything one run depends on; written into metrics.json."""
-
-    epochs: int = 10
-    latent_dim: int = 20
-    hidden: tuple[int, ...] = (400,)
-    corruption: str = "gaussian"
-    noise: float = 0.3
-    batch_size: int = 128
-    lr: float = 1e-3
-    num_samples: int = 64
-
-
-def parse_args(argv: list[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    runs.add_common_args(p, epochs=Config.epochs)
-    p.add_argument("--latent-dim", type=int, default=Config.latent_dim)
-    p.add_argument("--hidden", type=int, nargs="+", default=list(Config.hidden), help="hidden widths")
-    p.add_argument("--corruption", choices=sorted(c for c in CORRUPTIONS if c != "none"),
-                   default=Config.corruption, help="input corruption of the denoising autoencoder")
-    p.add_argument("--noise", type=float, default=Config.noise,
-                   help="corruption level: noise standard deviation, or masked fraction (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=Config.batch_size)
-    p.add_argument("--lr", type=float, default=Config.lr)
-    p.add_argument("--num-samples", type=int, default=Config.num_samples, help="images per picture panel")
-    kw = vars(p.parse_args(argv))
-    kw["hidden"] = tuple(kw["hidden"])
-    return Config(**kw)
-
-
-class Decodes:
-    """A 'sampler' for the pictures: ``sample(n)`` decodes n latent points drawn by ``draw(n)``."""
-
-    def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor], draw: Callable[[int], torch.Tensor]) -> None:
-        self.decode, self.draw = decode, draw
-
-    @torch.no_grad()
-    def sample(self, n: int) -> torch.Tensor:
-        return self.decode(self.draw(n))
-
-
-def _sqrtm_psd(a: torch.Tensor) -> torch.Tensor:
-    w, v = torch.linalg.eigh(a)
-    return (v * w.clamp(min=0).sqrt()) @ v.T
-
-
-@torch.no_grad()
-def frechet_distance(features: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor, b: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to the features of two image sets (lower is closer).
-
-    NaN when a set has fewer than two images (no covariance to fit).
-    """
-    if min(len(a), len(b)) < 2:
-        return float("nan")
-    fa, fb = features(a).double(), features(b).double()
-    ca, cb = torch.cov(fa.T), torch.cov(fb.T)
-    root = _sqrtm_psd(ca)
-    cross = _sqrtm_psd(root @ cb @ root)
-    return ((fa.mean(0) - fb.mean(0)).pow(2).sum() + torch.trace(ca + cb - 2 * cross)).item()
-
-
-def main(cfg: Config) -> dict:
-    device = runs.setup(cfg.threads, cfg.device)
-    out = runs.out_dir(cfg.out, overwrite=cfg.overwrite)
-    data = runs.load_data(cfg.dataset, data_dir=cfg.data_dir, device=device, train_size=cfg.train_size,
-                          eval_size=cfg.eval_size, binarization="dynamic", seed=cfg.seed)
-    x_train, x_test = data.x_train, data.x_test
-    hidden = list(cfg.hidden)
-    train_kw = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, device=device, seed=cfg.seed,
-                    binarize=data.fit_binarize, progress=runs.fit_progress(cfg.progress))
-
-    pyro.set_rng_seed(cfg.seed)  # initial weights too (torch seeds each process at random)
-    ae = Autoencoder(cfg.latent_dim, hidden, loss="bce")
-    dae = Autoencoder(cfg.latent_dim, hidden, loss="bce", corruption=cfg.corruption, noise=cfg.noise)
-    histories = {"AE": fit_autoencoder(ae, x_train, eval_data=x_test, **train_kw),
-                 "DAE": fit_autoencoder(dae, x_train, eval_data=x_test, **train_kw)}
-    vae = vi_lab.VAE(cfg.latent_dim, hidden[::-1])
-    guide = vi_lab.make_guide("mean_field", latent_dim=cfg.latent_dim, hidden=hidden)
-    vae_fit = vi_lab.fit(vae, guide, x_train, **train_kw, eval_data=x_test)
-    histories["VAE"] = vae_fit.history
-
-    # random latent points: three guesses for each autoencoder, the prior for the VAE
-    generators: dict[str, Decodes] = {}
-    code_stats = {}
-    for name, model in (("AE", ae), ("DAE", dae)):
-        with torch.no_grad():
-            codes = torch.cat([model.encode(x_train[i:i + 1000]) for i in range(0, len(x_train), 1000)])
-        code_stats[name] = {"mean_abs_mean": codes.mean(0).abs().mean().item(), "mean_std": codes.std(0).mean().item()}
-        for kind in CODE_SAMPLERS:
-            generators[f"{name}, {SAMPLER_LABELS[kind]}"] = Decodes(
-                model.decode, lambda n, c=codes, k=kind: random_codes(c, n, k))
-    generators["VAE, z ~ N(0, I) = p(z)"] = Decodes(vae.decode, lambda n: torch.randn(n, cfg.latent_dim, device=device))
-
-    # the judge: a classifier trained on real grey-level digits; its hidden layer is the feature space
-    raw_train = vi_lab.load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, device=device)
-    raw_test = vi_lab.load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, device=device)
-    n_clf = min(len(raw_train), max(len(x_train), 1000))
-    classifier = train_classifier(raw_train.images[:n_clf], raw_train.labels[:n_clf], epochs=5, seed=cfg.seed)
-    features = classifier.net[:-1]  # MLP up to its last hidden activation
-    n_fd = len(x_test)
-    real = raw_test.images[:n_fd]
-    torch.manual_seed(cfg.seed)
-    quality = {"real digits (training set)": frechet_distance(features, real, raw_train.images[:n_fd])}
-    for name, gen in generators.items():
-        quality[name] = frechet_distance(features, real, gen.sample(n_fd))
-
-    with torch.no_grad():
-        vae_terms = evaluate.elbo_terms(vae, guide, x_test, num_samples=1)
-    ll = evaluate.log_likelihood(vae, guide, x_test, num_samples=cfg.eval_samples)
-    recon = {"AE": reconstruction_loss(ae, x_test).mean().item(), "DAE": reconstruction_loss(dae, x_test).mean().item(),
-             "VAE": -vae_terms["reconstruction"].mean().item()}
-    # the corruption the DAE was trained to undo, applied to test digits
-    corrupted = CORRUPTIONS[cfg.corruption](x_test, cfg.noise)
-    with torch.no_grad():
-        denoise = {name: torch.nn.functional.binary_cross_entropy_with_logits(
-            model(corrupted), x_test, reduction="none").sum(-1).mean().item() for name, model in (("AE", ae), ("DAE", dae))}
-
-    torch.manual_seed(cfg.seed + 1)
-    panels = {"AE: z ~ N(0, I)": generators["AE, z ~ N(0, I)"],
-              "AE: uniform in its code box": generators["AE, uniform in the code box"],
-              "AE: Gaussian fitted to its codes": generators["AE, Gaussian fitted to the codes"],
-              "VAE: z ~ N(0, I) = p(z)": generators["VAE, z ~ N(0, I) = p(z)"]}
-    viz.save_sample_grids(panels, out / "random_latents.png", n=cfg.num_samples,
-                          title=f"Decoding random latent points (D = {cfg.latent_dim}, decoder means)")
-    n_show = min(10, len(x_test))
-    with torch.no_grad():
-        vae_recon = vae.decode(viz.posterior_mean(guide, x_test[:n_show]))
-        viz.save_rows({"input": x_test[:n_show], "AE": ae.reconstruct(x_test[:n_show]),
-                       "DAE": dae.reconstruct(x_test[:n_show]), "VAE": vae_recon,
-                       "corrupted input": corrupted[:n_show], "AE (corrupted)": ae.reconstruct(corrupted[:n_show]),
-                       "DAE (corrupted)": dae.reconstruct(corrupted[:n_show])},
-                      out / "reconstructions.png", title="Reconstructions of test digits",
-                      xlabel=f"corrupted: {cfg.corruption} noise {cfg.noise}, the corruption the DAE was trained on")
-
-    metrics = {
-        "frechet_distance_to_real_test_digits": quality,
-        "test_reconstruction_loss": recon,
-        "test_reconstruction_loss_from_corrupted_input": denoise,
-        "vae_test_elbo": vae_terms["elbo"].mean().item(),
-        "vae_test_kl": vae_terms["kl"].mean().item(),
-        "vae_test_log_likelihood": ll.mean().item(),
-        "code_statistics": code_stats,
-        "histories": histories,
-        "train_size": len(x_train),
-        "eval_size": len(x_test),
-        "classifier_train_size": n_clf,
-        "data_source": data.source,
-        "data_fallback": data.fallback,
-        "device": str(device),
-        "units": "reconstruction losses in nats per image (binary cross-entropy summed over pixels); "
-                 "Frechet distance in classifier-feature units (lower is closer to real digits)",
-        "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "command": runs.command_line(),
-        "config": dataclasses.asdict(cfg),
-    }
-    runs.write_json(out / "metrics.json", metrics)
-    print()
-    print(runs.format_table([("samples from", "Frechet distance to real test digits (lower is closer)"),
-                             *[(name, f"{v:.2f}") for name, v in quality.items()]]))
-    print()
-    print(runs.format_table([("model", "test reconstruction loss (nats per image)",
-                              f"from corrupted input ({cfg.corruption} {cfg.noise})"),
-                             *[(name, f"{recon[name]:.2f}", f"{denoise[name]:.2f}" if name in denoise else "-")
-                               for name in recon]]))
-    print(f"\nVAE: test ELBO {metrics['vae_test_elbo']:.2f}, KL {metrics['vae_test_kl']:.2f}, "
-          f"log p(x) {metrics['vae_test_log_likelihood']:.2f} (K={cfg.eval_samples}) nats per datapoint")
-    print(f"AE codes: mean |E[z_i]| {code_stats['AE']['mean_abs_mean']:.2f}, mean sd(z_i) "
-          f"{code_stats['AE']['mean_std']:.2f} (N(0, I) has 0 and 1)")
-    print(f"\ndata: {data.source}; wrote {out}/ (random_latents.png, reconstructions.png, metrics.json)")
-    runs.print_fallback_banner(data)  # last, where it cannot be missed
-    return metrics
-
+from vi_lab.commands import autoencoders
 
 if __name__ == "__main__":
-    with runs.user_errors():
-        main(parse_args())
+    autoencoders.run(sys.argv[1:], prog="python examples/autoencoders.py")

@@ -8,267 +8,33 @@ importance draws), L[q*_rich], L[q*] and L[q], the approximation and amortizatio
 how much semi-amortized refinement closes the amortization gap after t steps.
 
 Run ``python examples/guide_swap_gaps.py`` (defaults finish in under 20 minutes on a
-2-core CPU with ``--threads 1``) or with ``--help``. Writes to ``--out DIR`` (default
-``runs/<timestamp>/``): ``gaps.json`` (everything, per datapoint too), ``gaps.png``
-(stacked gap bars per guide), ``refinement.png`` (gap against refinement steps) and one
-checkpoint directory per guide (``<guide>/last.pt``, ``<guide>/metrics.jsonl``).
+2-core CPU with ``--threads 1``) or with ``--help``. It is ``vi-lab gaps``: the same
+options and the same outputs in ``--out DIR`` (default ``runs/<timestamp>/``):
+``gaps.json`` (everything, per datapoint too), ``gaps.png`` (stacked gap bars per guide),
+``refinement.png`` (gap against refinement steps) and one checkpoint directory per guide
+(``<guide>/last.pt``, ``<guide>/metrics.jsonl``), reused by the next run.
+
+What the command does for each family, in the library's own calls
+(``vi_lab/commands/gaps.py`` adds the options, checkpoint reuse, tables and figures)::
+
+    import vi_lab
+    from vi_lab import gaps, viz
+    from vi_lab.runs import load_data
+
+    data = load_data("mnist", binarization="dynamic")          # test set binarized once
+    model = vi_lab.VAE(latent_dim=20, hidden=[400])
+    guide = vi_lab.make_guide("iaf", latent_dim=20, hidden=[400])
+    vi_lab.fit(model, guide, data.x_train, epochs=5, binarize="dynamic", checkpoint_dir="runs/gaps/iaf")
+    report = gaps.inference_gaps(model, guide, data.x_test[:50], family="iaf", rich_family="full_cov",
+                                 num_samples=5000)         # log p(x), L[q*_rich], L[q*], L[q], k-hat
+    curve = gaps.refinement_curve(model, guide, data.x_test[:50], steps=(0, 10, 100), report=report)
+    print(gaps.gap_table([report]))                        # nats per datapoint
+    viz.save_gap_bars([report], "runs/gaps/gaps.png")
 """
 
-from __future__ import annotations
+import sys
 
-import argparse
-import dataclasses
-import datetime as _dt
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
-import pyro
-import torch
-
-import vi_lab
-from vi_lab import gaps, runs, viz
-from vi_lab.checkpoint import load as load_checkpoint
-from vi_lab.guides import GUIDES
-from vi_lab.guides.local import LOCAL_GUIDES
-from vi_lab.nets import ARCHS
-
-#: the families the issue compares, in table order; the default keeps those registered
-PREFERRED_GUIDES = ("mean_field", "full_cov", "iaf")
-
-
-def default_guides() -> tuple[str, ...]:
-    return tuple(name for name in PREFERRED_GUIDES if name in GUIDES)
-
-
-@dataclass(frozen=True)
-class Config(runs.CommonConfig):
-    """Everything one run depends on; written into gaps.json."""
-
-    guides: tuple[str, ...] = default_guides()
-    epochs: int = 5
-    latent_dim: int = 20
-    hidden: tuple[int, ...] = (400,)
-    arch: str = "mlp"
-    batch_size: int = 128
-    lr: float = 1e-3
-    num_points: int = 50
-    rich_family: str | None = "full_cov"
-    local_steps: int = 3000
-    local_lr: tuple[float, ...] = (1e-2, 1e-3)
-    local_particles: int = 16
-    refine_steps: tuple[int, ...] = (0, 10, 30, 100, 300)
-    refine_samples: int = 100
-    refine_lr: float | None = None  # None: the first --local-lr
-    checkpoints: str | None = None
-    eval_samples: int = 5000
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(n.strip() for n in text.split(",") if n.strip())
-
-
-def parse_args(argv: list[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    runs.add_common_args(p, epochs=Config.epochs, eval_size=Config.eval_size, eval_samples=Config.eval_samples)
-    p.add_argument("--guides", type=_names, default=Config.guides,
-                   help=f"comma-separated guide families (default {','.join(Config.guides)}; "
-                        f"registered: {', '.join(sorted(GUIDES))})")
-    p.add_argument("--num-points", type=int, default=Config.num_points,
-                   help="test images whose gaps are measured (default %(default)s; at most --eval-size)")
-    p.add_argument("--latent-dim", type=int, default=Config.latent_dim)
-    p.add_argument("--hidden", type=int, nargs="+", default=list(Config.hidden), help="hidden widths, e.g. 400 or 200 200")
-    p.add_argument("--arch", choices=ARCHS, default=Config.arch)
-    p.add_argument("--batch-size", type=int, default=Config.batch_size)
-    p.add_argument("--lr", type=float, default=Config.lr, help="training learning rate")
-    p.add_argument("--rich-family", default=Config.rich_family,
-                   help=f"local family for L[q*_rich], or 'none' (default %(default)s; valid: {', '.join(sorted(LOCAL_GUIDES))})")
-    p.add_argument("--local-steps", type=int, default=Config.local_steps,
-                   help="step budget of each per-datapoint optimization (default %(default)s)")
-    p.add_argument("--local-lr", type=float, nargs="+", default=list(Config.local_lr),
-                   help="Adam learning rates of the per-datapoint optimization, one stage each (default %(default)s)")
-    p.add_argument("--local-particles", type=int, default=Config.local_particles)
-    p.add_argument("--refine-steps", type=lambda s: tuple(int(v) for v in s.split(",")), default=Config.refine_steps,
-                   help="refinement budgets for the curve, e.g. 0,10,100 (default %(default)s)")
-    p.add_argument("--refine-samples", type=int, default=Config.refine_samples,
-                   help="draws per datapoint for each point of the refinement curve")
-    p.add_argument("--refine-lr", type=float, default=None,
-                   help="Adam learning rate of the refinement curve (default: the first --local-lr)")
-    p.add_argument("--checkpoints", default=None,
-                   help="directory of <guide>/last.pt checkpoints to load or continue (default: --out)")
-    kw = vars(p.parse_args(argv))
-    kw["hidden"] = tuple(kw["hidden"])
-    kw["local_lr"] = tuple(kw["local_lr"])
-    if kw["rich_family"] in ("none", ""):
-        kw["rich_family"] = None
-    cfg = Config(**kw)
-    problems = _check(cfg)
-    if problems:
-        p.error("; ".join(problems))
-    return cfg
-
-
-def _check(cfg: Config) -> list[str]:
-    """What is wrong with a config, before any training starts."""
-    problems = []
-    if not cfg.guides:
-        problems.append("--guides is empty")
-    for name in cfg.guides:
-        if name not in GUIDES:
-            problems.append(f"unknown guide {name!r}; valid names: {', '.join(sorted(GUIDES))}")
-        elif name not in LOCAL_GUIDES:
-            problems.append(f"guide {name!r} has no local (per-datapoint) family, so its L[q*] cannot be found; "
-                            f"families with one: {', '.join(sorted(set(GUIDES) & set(LOCAL_GUIDES)))}")
-    if cfg.rich_family is not None and cfg.rich_family not in LOCAL_GUIDES:
-        problems.append(f"unknown --rich-family {cfg.rich_family!r}; valid: none, {', '.join(sorted(LOCAL_GUIDES))}")
-    for flag, value in (("--num-points", cfg.num_points), ("--local-steps", cfg.local_steps),
-                        ("--local-particles", cfg.local_particles), ("--refine-samples", cfg.refine_samples),
-                        ("--eval-samples", cfg.eval_samples)):
-        if value < 1:
-            problems.append(f"{flag} must be >= 1, got {value}")
-    if not cfg.local_lr or any(not lr > 0 for lr in cfg.local_lr) or (cfg.refine_lr is not None and not cfg.refine_lr > 0):
-        problems.append(f"learning rates must be > 0, got --local-lr {list(cfg.local_lr)}, --refine-lr {cfg.refine_lr}")
-    if any(t < 0 for t in cfg.refine_steps):
-        problems.append(f"--refine-steps must be >= 0, got {cfg.refine_steps}")
-    if cfg.overwrite and cfg.checkpoints:
-        problems.append("--overwrite retrains the checkpoints in --out; it does not touch those of --checkpoints "
-                        f"{cfg.checkpoints} (delete them yourself, or drop --checkpoints)")
-    return problems
-
-
-def build(cfg: Config, guide_name: str) -> tuple[vi_lab.VAE, torch.nn.Module]:
-    """The model/guide pair for one family; the same seed gives every family the same decoder start."""
-    pyro.set_rng_seed(cfg.seed)
-    model = vi_lab.VAE(cfg.latent_dim, list(cfg.hidden)[::-1], arch=cfg.arch, likelihood="bernoulli")
-    guide = vi_lab.make_guide(guide_name, latent_dim=cfg.latent_dim, hidden=list(cfg.hidden), arch=cfg.arch)
-    return model, guide
-
-
-def _check_reuse(cfg: Config, path: Path, state: dict) -> None:
-    """A checkpoint is reused only for the run it belongs to: its epochs at most ``--epochs``, the
-    same seed, and (when it is reused as it is) the same lr; fit() checks the data and the rest."""
-    saved = state.get("settings") or {}
-    asked = {"seed": cfg.seed, **({"lr": cfg.lr} if state["epoch"] >= cfg.epochs else {})}
-    differ = {k: (saved[k], v) for k, v in asked.items() if k in saved and saved[k] != v}
-    if state["epoch"] > cfg.epochs:
-        differ["epochs"] = (state["epoch"], cfg.epochs)
-    if differ:
-        what = ", ".join(f"--{k} {then} (this run: {now})" for k, (then, now) in differ.items())
-        raise ValueError(f"checkpoint {path} was trained with {what}; pass the same to reuse it, or --overwrite "
-                         f"(without --checkpoints) to train afresh")
-
-
-def train_or_load(cfg: Config, name: str, data: runs.RunData, device: torch.device,
-                  run_dir: Path) -> tuple[vi_lab.VAE, torch.nn.Module, dict]:
-    """The trained pair for one family. A checkpoint in ``run_dir`` is resumed by fit(), which
-    checks it was trained with these settings and data: one with ``cfg.epochs`` epochs is
-    restored as it is, a shorter one is continued. Without one (or with --overwrite), training
-    starts fresh."""
-    model, guide = build(cfg, name)
-    path = run_dir / vi_lab.infer.CHECKPOINT_NAME
-    if cfg.overwrite:  # train afresh: the family's earlier checkpoint and log go
-        for stale in runs.RUN_FILES:
-            (run_dir / stale).unlink(missing_ok=True)
-    state = load_checkpoint(path) if path.is_file() else None
-    before = state["epoch"] if state is not None else None
-    if state is not None:
-        _check_reuse(cfg, path, state)
-    result = vi_lab.fit(
-        model, guide, data.x_train, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, device=device,
-        seed=cfg.seed, checkpoint_dir=run_dir, resume=before is not None, progress=runs.fit_progress(cfg.progress),
-        binarize=data.fit_binarize, eval_data=data.x_test, eval_samples=1,
-    )
-    history = result.history
-    source = "trained" if before is None else "loaded" if before >= cfg.epochs else "continued"
-    model.eval()
-    guide.eval()
-    secs = [h["seconds"] for h in history]
-    info = {"epochs": len(history), "checkpoint": source, "checkpoint_path": str(path),
-            "seconds_per_epoch": sum(secs) / len(secs) if secs else float("nan"),
-            "train_elbo": history[-1]["train_elbo"] if history else None,
-            "test_elbo": history[-1].get("test_elbo") if history else None}
-    return model, guide, info
-
-
-def main(cfg: Config) -> dict:
-    t_start = time.perf_counter()
-    problems = _check(cfg)
-    if problems:
-        raise ValueError("; ".join(problems))
-    device = runs.setup(cfg.threads, cfg.device)
-    out = runs.out_dir(cfg.out, reuse=True)  # its checkpoints are reused by design (train_or_load)
-    ckpt_root = Path(cfg.checkpoints) if cfg.checkpoints else out
-    data = runs.load_data(cfg.dataset, data_dir=cfg.data_dir, device=device, train_size=cfg.train_size,
-                          eval_size=cfg.eval_size, binarization="dynamic", seed=cfg.seed)
-    num_points = min(cfg.num_points, len(data.x_test))
-    x_gap = data.x_test[:num_points]  # statically binarized test images
-
-    reports, curves, training = [], [], {}
-    for name in cfg.guides:
-        model, guide, training[name] = train_or_load(cfg, name, data, device, ckpt_root / name)
-        print(f"[{name}] gaps on {num_points} test images, K={cfg.eval_samples} ...", flush=True)
-        report = gaps.inference_gaps(
-            model, guide, x_gap, family=name, rich_family=cfg.rich_family, num_samples=cfg.eval_samples,
-            max_steps=cfg.local_steps, lr=cfg.local_lr, num_particles=cfg.local_particles, label=name,
-        )
-        curve = gaps.refinement_curve(
-            model, guide, x_gap, steps=cfg.refine_steps, report=report, num_samples=cfg.refine_samples,
-            lr=cfg.refine_lr or cfg.local_lr[0], num_particles=cfg.local_particles, label=name,
-        )
-        reports.append(report)
-        curves.append(curve)
-        print(f"[{name}] done in {report.seconds + sum(curve.seconds):.0f} s; L[q*] after "
-              f"{report.fits['q_star'].steps} steps (converged: {report.fits['q_star'].converged})", flush=True)
-
-    seconds = time.perf_counter() - t_start
-    record = {
-        "units": "nats per datapoint (ELBO and log p(x): higher is better; gaps: smaller is better)",
-        "reports": [r.to_dict() for r in reports],
-        "refinement": [c.to_dict(per_datapoint=True) for c in curves],
-        "training": training,
-        "num_points": num_points,
-        "eval_samples": cfg.eval_samples,
-        "dataset": cfg.dataset,
-        "data_source": data.source,
-        "data_fallback": data.fallback,
-        "binarization": "dynamic (training), static with seed+1 (test)",
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "seconds_total": seconds,
-        "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "command": runs.command_line(),
-        "config": dataclasses.asdict(cfg),
-    }
-    runs.write_json(out / "gaps.json", record)
-    viz.save_gap_bars(reports, out / "gaps.png",
-                      title=f"Inference gaps on {num_points} {cfg.dataset} test images ({cfg.epochs} epochs)")
-    viz.save_refinement_curve(curves, out / "refinement.png",
-                              title=f"Amortization gap left after t refinement steps ({num_points} images)")
-
-    print()
-    print(gaps.gap_table(reports))
-    print()
-    print(runs.format_table([
-        ("L[q*] - L[q_t] after t steps", *[c.label for c in curves]),
-        *[(f"t = {t}", *[f"{c.to_dict()['amortization_gap'][i]['mean']:.2f}" for c in curves])
-          for i, t in enumerate(curves[0].steps)],
-    ]))
-    print()
-    print(runs.format_table([
-        ("guide", "epochs", "s/epoch", "test ELBO", "q* steps", "q*_rich steps", "gap seconds"),
-        *[(r.label, training[r.label]["epochs"], f"{training[r.label]['seconds_per_epoch']:.1f}",
-           f"{training[r.label]['test_elbo']:.2f}" if training[r.label]["test_elbo"] is not None else "-",
-           r.fits["q_star"].steps, r.fits["q_star_rich"].steps if "q_star_rich" in r.fits else "-",
-           f"{r.seconds:.0f}") for r in reports],
-    ]))
-    print(f"\nnats per datapoint; K={cfg.eval_samples}; {num_points} test images; data: {data.source}; "
-          f"total {seconds / 60:.1f} min on {device} ({torch.get_num_threads()} threads)")
-    print(f"wrote {out}/ (gaps.json, gaps.png, refinement.png, <guide>/last.pt)")
-    runs.print_fallback_banner(data)  # last, where it cannot be missed
-    return record
-
+from vi_lab.commands import gaps
 
 if __name__ == "__main__":
-    with runs.user_errors():
-        main(parse_args())
+    gaps.run(sys.argv[1:], prog="python examples/guide_swap_gaps.py")

@@ -219,12 +219,8 @@ def test_example_smoke_and_checkpoint_reuse(tmp_path, example_args):
     assert record["training"]["mean_field"]["checkpoint"] == "trained"
     assert "approximation gap" in proc.stdout and "amortization gap" in proc.stdout
 
-    # a second run loads the first one's checkpoint instead of training again
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import guide_swap_gaps as example
-    finally:
-        sys.path.pop(0)
+    # a second run (the same command, in-process) loads the first one's checkpoint instead of training again
+    from vi_lab.commands import gaps as example
     cfg = example.parse_args([*tiny, "--threads", str(torch.get_num_threads()), "--out", str(tmp_path / "again"),
                               "--checkpoints", str(out)])
     again = example.main(cfg)

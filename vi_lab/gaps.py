@@ -185,7 +185,17 @@ def guide_family(guide: Any) -> str:
                      f"vi_lab.guides.GUIDES; pass family= (one of {', '.join(sorted(LOCAL_GUIDES))})")
 
 
-def _check_family(name: str, what: str) -> str:
+def check_family(name: str, what: str = "family") -> str:
+    """``name`` when it is a family with a local (per-datapoint) guide, whose L[q*] can be found.
+
+    :param name: a guide family, e.g. ``"mean_field"``.
+    :param what: how the caller calls it in the error (``"family"``, ``"--rich-family"``).
+    :raises ValueError: naming ``name`` and the valid local families.
+
+    Example::
+
+        check_family("iaf")  # "iaf"; check_family("spline") raises, listing the valid names
+    """
     if name not in LOCAL_GUIDES:
         raise ValueError(f"{what} {name!r} has no local (per-datapoint) guide; valid local families: "
                          f"{', '.join(sorted(LOCAL_GUIDES))}")
@@ -471,9 +481,9 @@ def inference_gaps(
     if proposal not in ("auto", *PROPOSALS):
         raise ValueError(f"unknown proposal {proposal!r}; valid: auto, {', '.join(PROPOSALS)}")
     check_pair(model, guide, x, *args, **kwargs)  # the contract (and the data), before any optimization
-    family = _check_family(family or guide_family(guide), "family")
+    family = check_family(family or guide_family(guide), "family")
     if rich_family is not None:
-        _check_family(rich_family, "rich_family")
+        check_family(rich_family, "rich_family")
     if proposal == "q_star_rich" and rich_family is None:
         raise ValueError("proposal='q_star_rich' needs a rich_family")
     t0 = time.perf_counter()
@@ -553,7 +563,7 @@ def refine(
     """
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-    family = _check_family(family or guide_family(guide), "family")
+    family = check_family(family or guide_family(guide), "family")
     local = _local(family, guide, x, label=name)
     # tol = -inf: the window rule never fires, so exactly `steps` steps are taken
     fit = optimize_local(model, local, x, *args, max_steps=steps, lr=lr, num_particles=num_particles,
