@@ -43,7 +43,7 @@ from vi_lab import evaluate
 from vi_lab.contract import check_pair
 from vi_lab.guides import GUIDES
 from vi_lab.guides.local import LOCAL_GUIDES, LocalFit, LocalGuide, make_local_guide, optimize_local
-from vi_lab.reporting import format_table, write_json
+from vi_lab.reporting import format_table, mean_sem, write_json  # noqa: F401 (gaps.mean_sem)
 
 #: k-hat above which PSIS (and plain importance sampling) estimates are unreliable
 KHAT_THRESHOLD = 0.7
@@ -61,20 +61,6 @@ TABLE_ROWS = (
     ("amortization_gap", "amortization gap"),
     ("inference_gap", "inference gap"),
 )
-
-
-def mean_sem(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard error of the mean of per-datapoint values (finite entries only).
-
-    :param values: shape ``(N,)``.
-    :returns: ``(mean, sem)``; the sem is NaN for a single value.
-    """
-    v = values.detach().double().flatten()
-    v = v[torch.isfinite(v)]
-    if v.numel() == 0:
-        return float("nan"), float("nan")
-    sem = (v.std() / math.sqrt(v.numel())).item() if v.numel() > 1 else float("nan")
-    return v.mean().item(), sem
 
 
 def _stat(values: torch.Tensor) -> dict[str, float | None]:

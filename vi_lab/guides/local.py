@@ -161,6 +161,13 @@ def optimize_local(
     :param window: steps per convergence window.
     :param tol: convergence threshold in nats per datapoint.
     :returns: :class:`LocalFit`.
+
+    Why a loop of its own and not :func:`vi_lab.fit`: this is not training over epochs of
+    minibatches but one full-batch optimization of a fixed set of N points, with the model
+    frozen and a stopping rule on convergence (a window of steps), and it runs inside the
+    gap analysis for each of several families. It shares fit's objective layer
+    (:func:`vi_lab.objectives.training_objective`, Pyro's SVI and ELBOs), not its epochs,
+    batching, binarization, checkpoints or metrics, none of which apply.
     """
     check_modules_on(x, model, guide)
     check_pair(model, guide, x, *args, **kwargs)  # before Pyro's own checks, which name no fix
