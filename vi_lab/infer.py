@@ -493,39 +493,7 @@ def fit(
     scales = getattr(model, "site_scales", None)
     svi = SVI(training_objective(model, scales), training_objective(est.guide, scales), optim, est.loss)
 
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    if resume:
-        path = ckpt_path if resume is True else Path(resume)
-        if path is None:
-            raise ValueError("resume=True needs checkpoint_dir (or pass the checkpoint's path as resume=)")
-        # on the CPU: load_state_dict and copy_ below put each tensor where its parameter is,
-        # and torch's optimizer keeps its step counters on the CPU, as in a fresh run
-        first = door()  # its draws come before the RNG state restored below
-        state = ckpt.load(path, map_location="cpu")
-        _check_settings(state.get("settings"), settings, path)
-        _restore(state, model, guide, optim, svi, first, path)
-        start_epoch, history = state["epoch"], list(state["history"])
-        if metrics_path is not None:
-            # a crash between the checkpoint and the metrics line, or after a line of an epoch
-            # the checkpoint does not hold: the log restarts from what the checkpoint holds
-            # (left alone when it says that already: a finished run may live in a read-only place)
-            _write_metrics(metrics_path, history)
-    else:
-        before = (ckpt.rng_state(), pyro.get_param_store().get_state())
-        pyro.set_rng_seed(seed)
-        pyro.clear_param_store()
-        # after the seed, so guides that set their parameters on first call (Pyro's autoguides) are
-        # seeded; the RNG is then put back so training draws what it drew before the check existed
-        rng = ckpt.rng_state()
-        try:
-            door()
-        except Exception:
-            ckpt.set_rng_state(before[0])  # refused: the caller's RNG and param store as they were
-            pyro.clear_param_store()
-            pyro.get_param_store().set_state(before[1])
-            raise
-        ckpt.set_rng_state(rng)
+    start_epoch, history = _begin(resume, ckpt_path, metrics_path, door, settings, model, guide, optim, svi, seed)
     if ckpt_path is not None:
         ckpt.remove_temporaries(ckpt_path)  # left by a process killed mid-write
 
@@ -594,6 +562,44 @@ def fit(
         m.eval()
     written = ckpt_path if ckpt_path is not None and ckpt_path.is_file() else None  # none after 0 epochs
     return FitResult(history=history, device=str(d.device), checkpoint=written, metrics_path=metrics_path)
+
+
+def _begin(resume, ckpt_path: Path | None, metrics_path: Path | None, door: Callable[[], tuple],
+           settings: dict[str, Any], model, guide, optim, svi: SVI, seed: int) -> tuple[int, list[dict[str, Any]]]:
+    """Start a run: restore a checkpoint (``resume``) or seed a fresh one; the contract is checked
+    either way (``door``). Returns the epoch reached and the history so far."""
+    if resume:
+        path = ckpt_path if resume is True else Path(resume)
+        if path is None:
+            raise ValueError("resume=True needs checkpoint_dir (or pass the checkpoint's path as resume=)")
+        # on the CPU: load_state_dict and copy_ below put each tensor where its parameter is,
+        # and torch's optimizer keeps its step counters on the CPU, as in a fresh run
+        first = door()  # its draws come before the RNG state restored below
+        state = ckpt.load(path, map_location="cpu")
+        _check_settings(state.get("settings"), settings, path)
+        _restore(state, model, guide, optim, svi, first, path)
+        history = list(state["history"])
+        if metrics_path is not None:
+            # a crash between the checkpoint and the metrics line, or after a line of an epoch
+            # the checkpoint does not hold: the log restarts from what the checkpoint holds
+            # (left alone when it says that already: a finished run may live in a read-only place)
+            _write_metrics(metrics_path, history)
+        return state["epoch"], history
+    before = (ckpt.rng_state(), pyro.get_param_store().get_state())
+    pyro.set_rng_seed(seed)
+    pyro.clear_param_store()
+    # after the seed, so guides that set their parameters on first call (Pyro's autoguides) are
+    # seeded; the RNG is then put back so training draws what it drew before the check existed
+    rng = ckpt.rng_state()
+    try:
+        door()
+    except Exception:
+        ckpt.set_rng_state(before[0])  # refused: the caller's RNG and param store as they were
+        pyro.clear_param_store()
+        pyro.get_param_store().set_state(before[1])
+        raise
+    ckpt.set_rng_state(rng)
+    return 0, []
 
 
 def _step(svi: SVI, loss: Any, args: tuple, model, guide, where: tuple) -> dict[str, float]:
