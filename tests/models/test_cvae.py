@@ -16,7 +16,8 @@ from vi_lab import evaluate, fit, runs
 from vi_lab.guides import make_guide
 from vi_lab.guides.conditional import ConditionalGuide, make_conditional_guide
 from vi_lab.labels import one_hot
-from vi_lab.models.cvae import CVAE, class_agreement, train_classifier
+from vi_lab.metrics import class_agreement, train_classifier
+from vi_lab.models.cvae import CVAE
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,7 +83,9 @@ def test_class_samples_are_recognised_by_a_classifier_trained_on_real_digits(dev
     assert real_accuracy > 0.8  # the judge itself knows digits
     model = CVAE(2, [128])
     guide = make_conditional_guide("mean_field", latent_dim=2, hidden=[128])
-    fit(model, guide, (d.x_train, d.y_train), epochs=4, batch_size=100, lr=3e-3, progress=False,
+    # 8 epochs: agreement 0.77-0.89 over seeds; after 4 it was 0.46-0.58, at the threshold, so the
+    # test passed or failed with the RNG state the classifier's training left behind
+    fit(model, guide, (d.x_train, d.y_train), epochs=8, batch_size=100, lr=3e-3, progress=False,
         binarize="dynamic")  # on the data's device
     agreement = class_agreement(model, classifier, n_per_class=50)
     # chance is 0.1: a decoder that ignored y would score about that

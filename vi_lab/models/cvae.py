@@ -7,9 +7,9 @@ guide reading ``[x, onehot(y)]``. ``model(x, y)`` and ``guide(x, y)`` keep the
 data-plate contract, so :func:`vi_lab.fit` trains them on ``(images, labels)`` pairs
 and the evaluators take the labels as the extra argument.
 
-The module also holds the check that the conditioning is used: a small digit
-classifier trained on real images (:func:`train_classifier`) and the rate at which it
-recognizes class c in samples generated for class c (:func:`class_agreement`).
+Whether the conditioning is used is measured above the models, where training lives:
+:func:`vi_lab.metrics.class_agreement` with a classifier trained by
+:func:`vi_lab.metrics.train_classifier`.
 
 Example::
 
@@ -29,10 +29,9 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from vi_lab.data import DeviceBatches
 from vi_lab.labels import concat_label, one_hot
 from vi_lab.models.vae import VAE
-from vi_lab.nets import MLP, make_decoder
+from vi_lab.nets import make_decoder
 
 
 class LabelConditionedDecoder(nn.Module):
@@ -143,52 +142,3 @@ class CVAE(VAE):
         self._check_batch(y, n)
         return self.decode(torch.randn(n, self.latent_dim, device=device), y)
 
-
-# ------------------------------------------------------- checking the conditioning
-
-
-def train_classifier(x: torch.Tensor, y: torch.Tensor, *, num_classes: int = 10, hidden: int | Sequence[int] = (256,),
-                     epochs: int = 3, batch_size: int = 128, lr: float = 1e-3, seed: int = 0) -> nn.Module:
-    """A small MLP digit classifier (cross-entropy, Adam), to judge generated images.
-
-    :param x: images ``(N, x_dim)`` in [0, 1].
-    :param y: labels ``(N,)``.
-    :returns: the trained classifier in eval mode; ``classifier(x)`` gives logits ``(B, C)``.
-
-    Example::
-
-        clf = train_classifier(x_train[:5000], y_train[:5000])
-        (clf(x_test).argmax(-1) == y_test).float().mean()
-    """
-    one_hot(y, num_classes)  # validates the labels
-    torch.manual_seed(seed)
-    net = MLP(x.shape[-1], hidden, num_classes).to(x.device)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    with torch.enable_grad():  # callable from evaluation code running under no_grad
-        for _ in range(epochs):
-            for xb, yb in DeviceBatches(x, batch_size, shuffle=True, extra=y):
-                opt.zero_grad()
-                nn.functional.cross_entropy(net(xb), yb.long()).backward()
-                opt.step()
-    return net.eval()
-
-
-@torch.no_grad()
-def class_agreement(model: CVAE, classifier: nn.Module, n_per_class: int = 100) -> torch.Tensor:
-    """Per class c, the fraction of samples generated for c that ``classifier`` calls c.
-
-    Chance is 1 / C; a decoder that ignores the label scores about that on average.
-
-    :param model: a trained :class:`CVAE`.
-    :param classifier: maps images ``(B, x_dim)`` to logits ``(B, C)``.
-    :param n_per_class: samples per class.
-    :returns: tensor ``(C,)`` of rates in [0, 1].
-
-    Example::
-
-        class_agreement(cvae, train_classifier(x_train, y_train)).mean()  # chance: 0.1
-    """
-    device = next(model.parameters()).device
-    labels = torch.arange(model.num_classes, device=device).repeat_interleave(n_per_class)  # (C*n,)
-    predicted = classifier(model.sample(len(labels), labels=labels)).argmax(-1)
-    return (predicted == labels).float().reshape(model.num_classes, n_per_class).mean(-1)
