@@ -58,6 +58,23 @@ def example_args(device) -> list[str]:
     return ["--device", str(device)]
 
 
+@pytest.fixture(scope="session")
+def tiny_args() -> list[str]:
+    """The smallest settings every command takes (one epoch on 200 images, 20 test images, K = 10)."""
+    return ["--epochs", "1", "--train-size", "200", "--eval-size", "20", "--eval-samples", "10", "--threads", "1",
+            "--no-progress"]
+
+
+@pytest.fixture
+def vectors(tmp_path):
+    """200 vectors of 10 values in [0, 1], no labels: data that are not images (``--data``)."""
+    import numpy as np
+
+    path = tmp_path / "vectors.npy"
+    np.save(path, np.random.default_rng(0).random((200, 10), dtype=np.float32))
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _seeded_clean_pyro():
     pyro.clear_param_store()

@@ -13,10 +13,6 @@ import pytest
 
 from vi_lab.cli import COMMANDS, main
 
-TINY = ["--epochs", "1", "--train-size", "200", "--eval-size", "20", "--eval-samples", "10", "--threads", "1",
-        "--no-progress"]
-
-
 def test_help_lists_every_command_and_imports_nothing_heavy():
     code = ("import sys; from vi_lab.cli import main; status = main(['--help']); "
             "heavy = sorted(m for m in ('torch', 'pyro', 'numpy', 'matplotlib') if m in sys.modules); "
@@ -48,9 +44,9 @@ def test_no_command_and_unknown_command_are_usage_errors(capsys):
     assert "unknown command 'trian'" in err and "train" in err and "compare" in err
 
 
-def test_train_then_eval_then_compare(tmp_path, example_args, capsys):
+def test_train_then_eval_then_compare(tmp_path, tiny_args, example_args, capsys):
     run_dir = tmp_path / "run"
-    assert main(["train", *TINY, "--latent-dim", "2", "--hidden", "16", "--out", str(run_dir), *example_args]) == 0
+    assert main(["train", *tiny_args, "--latent-dim", "2", "--hidden", "16", "--out", str(run_dir), *example_args]) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["command"] and metrics["config"]["latent_dim"] == 2 and len(metrics["history"]) == 1
     assert {"samples.png", "reconstructions.png", "manifold.png", "last.pt", "config.json"} <= {

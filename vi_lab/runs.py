@@ -283,6 +283,26 @@ def print_fallback_banner(data: RunData) -> None:
         print(banner, flush=True)
 
 
+def data_record(data: RunData) -> dict[str, Any]:
+    """Which data a run used, for its JSON output: name, where it came from, whether it was the fallback."""
+    return {"dataset": data.name, "data_source": data.source, "data_fallback": data.fallback}
+
+
+def report_end(data: RunData, out: Path, files: list[str], *, pictures: str | None = "pictures",
+               extra: str = "") -> None:
+    """The last lines every command prints: the data's source, the files written, and warnings.
+
+    :param files: names written into ``out``.
+    :param pictures: what was not drawn when the data are not square grey images (None: the
+        command draws no images).
+    :param extra: appended to the first line (e.g. the time taken).
+    """
+    print(f"\ndata: {data.source}; wrote {out}/ ({', '.join(files)}){extra}")
+    if pictures and not data.drawable:
+        print(f"no {pictures}: the data are not square grey images ({data.name})")
+    print_fallback_banner(data)  # last, where it cannot be missed
+
+
 def default_binarization(likelihood: str) -> str:
     """Dynamic binarization for the Bernoulli likelihood, grey levels for the others."""
     return "dynamic" if likelihood == "bernoulli" else "none"

@@ -196,9 +196,7 @@ def main(cfg: Config) -> dict:
         "train_size": len(x_train),
         "eval_size": len(x_test),
         "classifier_train_size": n_clf if quality else 0,
-        "dataset": data.name,
-        "data_source": data.source,
-        "data_fallback": data.fallback,
+        **runs.data_record(data),
         "device": str(device),
         "units": "reconstruction losses in nats per image (binary cross-entropy summed over pixels); "
                  "Frechet distance in classifier-feature units (lower is closer to real digits)",
@@ -221,10 +219,7 @@ def main(cfg: Config) -> dict:
     print(f"AE codes: mean |E[z_i]| {code_stats['AE']['mean_abs_mean']:.2f}, mean sd(z_i) "
           f"{code_stats['AE']['mean_std']:.2f} (N(0, I) has 0 and 1)")
     written = [p.name for p in pictures] + ["metrics.json"]
-    print(f"\ndata: {data.source}; wrote {out}/ ({', '.join(written)})")
-    if not data.drawable:
-        print(f"no pictures: the data are not square grey images ({data.name})")
-    runs.print_fallback_banner(data)  # last, where it cannot be missed
+    runs.report_end(data, out, written)
     return result
 
 

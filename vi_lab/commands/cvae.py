@@ -151,9 +151,7 @@ def main(cfg: Config) -> dict:
         "eval_seconds": eval_seconds,
         "seconds_per_epoch": result.seconds_per_epoch,
         "train_size": len(data.x_train),
-        "dataset": data.name,
-        "data_source": data.source,
-        "data_fallback": data.fallback,
+        **runs.data_record(data),
         "device": result.device,
         "units": "nats per datapoint (higher is better); the ELBO and log-likelihood are of log p(x | y)",
         **runs.provenance(cfg),
@@ -173,11 +171,8 @@ def main(cfg: Config) -> dict:
     ]))
     files = ["metrics.json", *(p.name for p in pictures)]
     files += ["metrics.jsonl", "last.pt"] if result.checkpoint is not None else []
-    print(f"\ndata: {data.source}; wrote {out}/ ({', '.join(files)})"
-          f"{'' if result.checkpoint is not None else '; no checkpoint (0 epochs trained)'}")
-    if not data.drawable:
-        print(f"no class_grid.png or digits.png: the data are not square grey images ({data.name})")
-    runs.print_fallback_banner(data)  # last, where it cannot be missed
+    runs.report_end(data, out, files, pictures="class_grid.png or digits.png",
+                    extra="" if result.checkpoint is not None else "; no checkpoint (0 epochs trained)")
     return record
 
 

@@ -313,9 +313,7 @@ def main(cfg: Config) -> dict:
         "units": UNITS,
         **runs.provenance(cfg),
         "device": str(device),
-        "dataset": data.name,
-        "data_source": data.source,
-        "data_fallback": data.fallback,
+        **runs.data_record(data),
         "train_size": len(data.x_train),
         "eval_size": len(data.x_test),
         "total_seconds": time.perf_counter() - t0,
@@ -324,9 +322,8 @@ def main(cfg: Config) -> dict:
     runs.write_json(out / "estimators.json", summary)
     save_curves(results, out / "curves.png")
     save_variance(results, out / "variance.png")
-    print(f"\ndata: {data.source}; wrote {out}/ (estimators.json, variance.png, curves.png) "
-          f"in {summary['total_seconds']:.0f} s")
-    runs.print_fallback_banner(data)  # last, where it cannot be missed
+    runs.report_end(data, out, ["estimators.json", "variance.png", "curves.png"], pictures=None,
+                    extra=f" in {summary['total_seconds']:.0f} s")
     return summary
 
 

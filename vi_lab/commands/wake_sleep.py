@@ -165,9 +165,7 @@ def main(cfg: Config) -> dict:
         "units": "nats per datapoint (higher is better)",
         "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
         "device": str(device),
-        "dataset": data.name,
-        "data_source": data.source,
-        "data_fallback": data.fallback,
+        **runs.data_record(data),
         "train_size": len(data.x_train),
         "eval_size": len(data.x_test),
         "samples_per_run": total,
@@ -186,11 +184,8 @@ def main(cfg: Config) -> dict:
     print()
     print(f"{total} training samples per run; nats per datapoint on {len(data.x_test)} test images")
     print(runs.format_table(rows))
-    files = ", ".join(["wake_sleep_vs_aevb.png", "wake_sleep_vs_aevb.json", *pictures])
-    print(f"\ndata: {data.source}; {summary['total_seconds']:.0f} s in all; wrote {out}/ ({files})")
-    if not data.drawable:
-        print(f"no sample pictures: the data are not square grey images ({data.name})")
-    runs.print_fallback_banner(data)  # last, where it cannot be missed
+    runs.report_end(data, out, ["wake_sleep_vs_aevb.png", "wake_sleep_vs_aevb.json", *pictures],
+                    pictures="sample pictures", extra=f"; {summary['total_seconds']:.0f} s in all")
     return summary
 
 
