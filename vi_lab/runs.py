@@ -83,6 +83,16 @@ class CommonConfig:
     overwrite: bool = False
 
 
+def parser(doc: str, prog: str | None) -> argparse.ArgumentParser:
+    """A command's parser, described by the first paragraph of its module docstring (without markup).
+
+    :param doc: the command module's ``__doc__``.
+    :param prog: the name in usage lines (``vi-lab train``, ``python examples/vae_mnist.py``).
+    """
+    first = doc.split("\n\n")[0].replace("``", "")
+    return argparse.ArgumentParser(prog=prog, description=first, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_common_args(p: argparse.ArgumentParser, *, epochs: int = 10, eval_size: int = 1000,
                     eval_samples: int = 1000) -> None:
     """Add ``--epochs --dataset --data --data-dir --device --seed --train-size --eval-size

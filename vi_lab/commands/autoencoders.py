@@ -24,7 +24,6 @@ corrupted inputs; square grey images only), ``metrics.json``.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -62,8 +61,7 @@ class Config(runs.CommonConfig):
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Config:
     """The options of ``vi-lab autoencoders``, declared once; ``argv`` defaults to the process's arguments."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].strip("`").replace("``", ""),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.parser(__doc__, prog)
     runs.add_common_args(p, epochs=Config.epochs)
     p.add_argument("--latent-dim", type=int, default=Config.latent_dim)
     p.add_argument("--hidden", type=int, nargs="+", default=list(Config.hidden), help="hidden widths")

@@ -8,7 +8,6 @@ importance-sampled log p(x) with its K, seconds per epoch) and the ``eval_*.json
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ class Config:
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Config:
     """The options of ``vi-lab compare``, declared once."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("``", ""))
+    p = runs.parser(__doc__, prog)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="directories written by vi-lab train")
     p.add_argument("--out", default=None, help="also write the table: FILE.json or FILE.md")
     a = p.parse_args(argv)

@@ -18,7 +18,6 @@ only) and ``em_curve.png`` (training log-likelihood per EM iteration).
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +59,7 @@ class Config(runs.CommonConfig):
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Config:
     """The options of ``vi-lab em``, declared once; ``argv`` defaults to the process's arguments."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].strip("`").replace("``", ""),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.parser(__doc__, prog)
     runs.add_common_args(p, epochs=Config.epochs, eval_size=Config.eval_size, eval_samples=Config.eval_samples)
     p.add_argument("--classes", type=int, nargs="+", default=list(Config.classes), help="mixture sizes K (default 10 50)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(Config.methods),

@@ -29,7 +29,6 @@ on your own data (values in [0, 1]); the networks' input size follows it. Writes
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from dataclasses import dataclass
@@ -127,8 +126,7 @@ def _color(label: str) -> str:
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Config:
     """The options of ``vi-lab estimators``, declared once; ``argv`` defaults to the process's arguments."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].strip("`").replace("``", ""),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.parser(__doc__, prog)
     runs.add_common_args(p, epochs=Config.epochs, eval_size=Config.eval_size, eval_samples=Config.eval_samples)
     p.set_defaults(train_size=Config.train_size)
     p.add_argument("--models", nargs="+", choices=list(FAMILIES), default=list(Config.models))

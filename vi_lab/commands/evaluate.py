@@ -12,7 +12,6 @@ binarized as the run's were (:func:`vi_lab.infer.heldout_binarized`). Writes
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -52,7 +51,7 @@ class Config:
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Config:
     """The options of ``vi-lab eval``, declared once."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("``", ""))
+    p = runs.parser(__doc__, prog)
     p.add_argument("run", metavar="RUN_DIR", help="a directory written by vi-lab train (config.json, last.pt)")
     p.add_argument("--split", choices=("test", "train"), default=Config.split)
     p.add_argument("--dataset", choices=sorted(DATASETS), default=None, help="default: the run's dataset")

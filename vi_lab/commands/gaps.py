@@ -21,7 +21,6 @@ trained with another ``--seed``, more epochs, or (reused as it is) another ``--l
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +72,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Config:
     """The options of ``vi-lab gaps``, declared once; ``argv`` defaults to the process's arguments."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].strip("`").replace("``", ""),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.parser(__doc__, prog)
     runs.add_common_args(p, epochs=Config.epochs, eval_size=Config.eval_size, eval_samples=Config.eval_samples)
     p.add_argument("--guides", type=_names, default=Config.guides,
                    help=f"comma-separated guide families (default {','.join(Config.guides)}; "

@@ -14,7 +14,6 @@ that run; ``--lr`` and ``--epochs`` may change) or ``--overwrite`` (replace it).
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +59,7 @@ FAMILY_FLAGS = {"flow_steps": "--flow-steps", "rank": "--rank", "components": "-
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Config:
     """The options of ``vi-lab train``, declared once; ``argv`` defaults to the process's arguments."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].strip("`").replace("``", ""),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.parser(__doc__, prog)
     runs.add_common_args(p)
     p.add_argument("--latent-dim", type=int, default=Config.latent_dim)
     p.add_argument("--hidden", type=int, nargs="+", default=list(Config.hidden), help="hidden widths, e.g. 400 or 500 500")

@@ -23,7 +23,6 @@ for square grey images only).
 
 from __future__ import annotations
 
-import argparse
 import platform
 import time
 from dataclasses import dataclass
@@ -64,8 +63,7 @@ class Config(runs.CommonConfig):
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Config:
     """The options of ``vi-lab wake-sleep``, declared once; ``argv`` defaults to the process's arguments."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].strip("`").replace("``", ""),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.parser(__doc__, prog)
     runs.add_common_args(p, epochs=Config.epochs, eval_size=Config.eval_size, eval_samples=Config.eval_samples)
     p.add_argument("--latent-dims", type=int, nargs="+", default=list(Config.latent_dims),
                    help="latent sizes, one panel each (default %(default)s)")
