@@ -12,6 +12,7 @@ command's module (with torch and Pyro) is imported only when that command runs.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 #: command -> (module under vi_lab.commands, one line for ``vi-lab --help``)
@@ -50,6 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         from vi_lab.cli import main
         main(["train", "--epochs", "1", "--train-size", "200", "--out", "runs/tiny"])
     """
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `vi-lab ... | head`: the reader left; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_help())
