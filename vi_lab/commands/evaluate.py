@@ -133,6 +133,7 @@ def main(cfg: Config) -> dict:
     finite = khat[torch.isfinite(khat)]
     result = {
         "run": str(cfg.run), "dataset": ds.name, "split": cfg.split, "data_source": ds.source,
+        "data_fallback": ds.fallback,
         "eval_size": len(ds), "eval_samples": cfg.eval_samples, "binarization": mode,
         "elbo": dict(zip(("mean", "sem"), runs.mean_sem(elbo))),
         "log_likelihood": dict(zip(("mean", "sem"), runs.mean_sem(ll))),
@@ -153,6 +154,9 @@ def main(cfg: Config) -> dict:
          "n/a" if result["khat_mean"] is None else f"{result['khat_mean']:.2f}, {result['khat_above_0.7']:.1%}"),
     ]))
     print(f"\nwrote {out} ({seconds:.1f} s on {device})")
+    if ds.fallback:
+        print(f"WARNING: scored on the embedded fallback data ({ds.source}), not the full dataset: the numbers "
+              f"are not comparable with published ones. Pass --data-dir or set VI_LAB_DATA.")
     return result
 
 
