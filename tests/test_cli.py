@@ -53,7 +53,7 @@ def test_train_then_eval_then_compare(tmp_path, tiny_args, example_args, capsys)
         p.name for p in run_dir.iterdir()}
     assert main(["eval", str(run_dir), "--eval-size", "30", "--eval-samples", "30", "--no-progress",
                  *example_args]) == 0
-    scored = json.loads((run_dir / "eval_mnist_test_K30.json").read_text())
+    scored = json.loads(next(run_dir.glob("eval_mnist_test_N30_K30_s0.json")).read_text())
     assert scored["eval_size"] == 30 and scored["log_likelihood"]["mean"] >= scored["elbo"]["mean"] - 1e-6
     assert scored["khat_mean"] is not None  # K = 30 draws: the tail is fitted
     capsys.readouterr()
@@ -114,3 +114,46 @@ def test_train_on_a_folder_of_pngs_and_on_vectors(tmp_path, example_args):
                  "--eval-samples", "5", "--threads", "1", "--no-progress", "--latent-dim", "2", "--hidden", "8",
                  "--batch-size", "10", "--out", str(run_dir), *example_args]) == 0
     _check_trained(run_dir, 5, pictures=False)  # vectors: no pictures, the numbers all the same
+
+
+def test_eval_scores_the_run_on_its_own_binarization_and_compare_skips_other_commands(tmp_path, tiny_args,
+                                                                                       example_args, capsys):
+    run_dir = tmp_path / "seed3"
+    assert main(["train", *tiny_args, "--seed", "3", "--latent-dim", "2", "--hidden", "16", "--eval-samples", "10",
+                 "--out", str(run_dir), *example_args]) == 0
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    # same test images, same K, same draws' seed: the run's seed (not eval's) binarizes the test set
+    assert main(["eval", str(run_dir), "--eval-size", "20", "--eval-samples", "10", "--no-progress",
+                 *example_args]) == 0
+    scored = json.loads((run_dir / "eval_mnist_test_N20_K10_s0.json").read_text())
+    assert scored["binarization_seed"] == 4 and scored["run_epochs"] == 1
+    assert scored["elbo"]["mean"] == pytest.approx(trained["test_elbo"], abs=3.0)  # ELBO of 10 draws vs 1
+    other = tmp_path / "cvae"
+    assert main(["cvae", *tiny_args, "--hidden", "8", "--digits", "3", "--samples-per-digit", "2", "--out",
+                 str(other), *example_args]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(run_dir), str(other)]) == 0
+    captured = capsys.readouterr()
+    assert "skipped: " in captured.err and "was not written by vi-lab train" in captured.err
+    assert str(other) not in captured.out
+
+
+def test_clear_errors_for_combinations_that_cannot_work(tmp_path, tiny_args, example_args, capsys):
+    with pytest.raises(SystemExit):  # argparse: one source of data
+        main(["train", "--dataset", "fashion-mnist", "--data", str(tmp_path)])
+    assert "not allowed with argument" in capsys.readouterr().err
+    np.save(tmp_path / "img10.npy", (np.random.default_rng(0).random((40, 10, 10)) * 255).astype(np.uint8))
+    with pytest.raises(SystemExit, match="arch 'conv' reads each datapoint as a square grey image whose side is a "
+                                         "multiple of 4"):
+        main(["train", *tiny_args, "--data", str(tmp_path / "img10.npy"), "--arch", "conv", "--out",
+              str(tmp_path / "conv"), *example_args])
+    with pytest.raises(SystemExit, match="wake-sleep evaluates the guide's density at latents it did not just draw"):
+        main(["train", *tiny_args, "--loss", "wake_sleep", "--guide", "planar", "--hidden", "8", "--out",
+              str(tmp_path / "planar"), *example_args])
+    assert main(["train", *tiny_args, "--loss", "rws", "--num-particles", "3", "--hidden", "8", "--latent-dim", "2",
+                 "--out", str(tmp_path / "rws"), *example_args]) == 0
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text('{"config": ')
+    (tmp_path / "broken" / "last.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="config.json is not readable JSON"):
+        main(["eval", str(tmp_path / "broken")])

@@ -6,6 +6,7 @@ import pyro
 import pytest
 import torch
 
+import vi_lab
 from vi_lab import checkpoint, evaluate, fit
 from vi_lab.data import binarize, load_dataset
 from vi_lab.guides import make_guide
@@ -247,3 +248,40 @@ def test_resume_restores_the_optimizer_and_keeps_its_step_counts_on_the_cpu(mnis
     assert states and all(s[0]["step"].item() == 4 for s in states)  # 2 steps per epoch, restored + continued
     assert all(s[0]["step"].device.type == "cpu" for s in states)
     assert all(s[0]["exp_avg"].device == mnist_slice.device for s in states)
+
+
+def test_a_run_killed_mid_epoch_records_by_samples_seen_what_an_uninterrupted_run_records(tmp_path, device):
+    # record_at: the averages since the last record live in the checkpoint, so the resumed
+    # run's next record covers the same steps as the uninterrupted run's
+    x = torch.bernoulli(torch.full((100, 6), 0.3, device=device))
+
+    def pair():
+        pyro.set_rng_seed(0)
+        return (vi_lab.VAE(2, [8], x_dim=6).to(device),
+                vi_lab.make_guide("mean_field", latent_dim=2, hidden=[8], x_dim=6).to(device))
+
+    model, guide = pair()
+    full = vi_lab.fit(model, guide, x, epochs=2, batch_size=25, record_at=[150], progress=False)
+
+    class Killed(Exception):
+        pass
+
+    calls = {"n": 0}
+    model, guide = pair()
+
+    def dying_model(x_batch):
+        calls["n"] += 1
+        if calls["n"] > 1 + 4 + 1:  # the door, epoch 1's four steps, then the first step of epoch 2
+            raise Killed
+        return model(x_batch)
+
+    with pytest.raises(Killed):
+        vi_lab.fit(dying_model, guide, x, epochs=2, batch_size=25, record_at=[150], progress=False,
+                   checkpoint_dir=tmp_path)
+    model, guide = pair()
+    resumed = vi_lab.fit(model, guide, x, epochs=2, batch_size=25, record_at=[150], progress=False,
+                         checkpoint_dir=tmp_path, resume=True)
+    assert [h["samples_seen"] for h in resumed.history] == [150, 200]
+    for a, b in zip(full.history, resumed.history):
+        assert a["train_elbo"] == pytest.approx(b["train_elbo"], abs=1e-5)
+    assert full.seconds_per_epoch == pytest.approx(sum(h["seconds"] for h in full.history) / 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -81,8 +82,9 @@ class FitResult:
 
     @property
     def seconds_per_epoch(self) -> float:
+        # records may be epochs or points by samples seen (record_at); their seconds add up to the run's
         secs = [h["seconds"] for h in self.history]
-        return sum(secs) / len(secs) if secs else float("nan")
+        return sum(secs) / self.history[-1]["epoch"] if secs else float("nan")
 
 
 def data_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -162,12 +164,15 @@ def _apply_current_hyperparameters(optim: pyro.optim.PyroOptim, saved: dict[str,
             group.update({k: v for k, v in args.items() if k in group})
 
 
-def _state(model, guide, optim, epoch: int, history: list, settings: dict[str, Any]) -> dict[str, Any]:
+def _state(model, guide, optim, epoch: int, history: list, settings: dict[str, Any],
+           tally: "_Tally | None" = None) -> dict[str, Any]:
     store = pyro.get_param_store()
     return {
         "epoch": epoch,
         "history": history,
         "settings": settings,
+        # with record_at, the averages since the last record (a resumed run's next record continues them)
+        "tally": tally.state() if tally is not None else None,
         # module state dicts let a user load the weights without Pyro; the param store
         # (all of it: modules, pyro.param sites, baseline nets) is what resume restores
         "model": model.state_dict() if isinstance(model, torch.nn.Module) else None,
@@ -308,9 +313,14 @@ def _record_marks(record_at: Any, per_epoch: int, epochs: int) -> list[int] | No
     """Sample counts at which to record (sorted, the end of training included), or None: every epoch."""
     if record_at is None:
         return None
-    marks = list(record_at)
-    if not all(isinstance(m, int) and m > 0 for m in marks):
-        raise ValueError(f"record_at must be positive numbers of training samples seen, got {record_at!r}")
+    try:
+        items = list(record_at)
+        marks = [operator.index(m) for m in items if not isinstance(m, bool)]
+    except TypeError:
+        items, marks = [None], []
+    if not marks or len(marks) != len(items) or min(marks) < 1:
+        raise ValueError(f"record_at must be a list of positive whole numbers of training samples seen, e.g. "
+                         f"[1000, 10000], got {record_at!r}")
     total = epochs * per_epoch
     return sorted({m for m in marks if m < total} | {total})
 
@@ -338,6 +348,21 @@ class _Tally:
 
     def means(self) -> dict[str, float]:
         return {k: v / self.n for k, v in self.sums.items()}
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the sums so far and the time spent (the clock paused at the save)."""
+        now = _Tally.__new__(_Tally)
+        now.seconds = self.seconds + time.perf_counter() - self._t0
+        now.cpu_seconds = self.cpu_seconds + time.process_time() - self._c0
+        return {"sums": dict(self.sums), "n": self.n, "seconds": now.seconds, "cpu_seconds": now.cpu_seconds}
+
+    @classmethod
+    def restored(cls, state: dict[str, Any] | None) -> "_Tally":
+        tally = cls()
+        if state:
+            tally.sums, tally.n = dict(state["sums"]), state["n"]
+            tally.seconds, tally.cpu_seconds = state["seconds"], state["cpu_seconds"]
+        return tally
 
 
 def fit(
@@ -422,7 +447,10 @@ def fit(
     :param metrics_path: JSON-lines file (default ``checkpoint_dir/metrics.jsonl``).
     :param record_at: numbers of training samples seen at which to record a history entry
         (e.g. log-spaced, for learning curves by samples seen); default: the end of every
-        epoch. The end of training is always recorded. Checkpoints stay at epoch ends.
+        epoch. The end of training is always recorded. Checkpoints stay at epoch ends and keep
+        the averages since the last record, so a resumed run records what an uninterrupted one
+        would; the end-of-training record of a run later resumed for more epochs stays in its
+        history.
     :returns: :class:`FitResult`; each history entry holds ``epoch``, ``samples_seen``,
         ``train_elbo`` (nats per datapoint, averaged since the previous entry), the loss's
         other terms (``model_loss``, ``guide_loss`` for wake-sleep), ``seconds``,
@@ -450,6 +478,8 @@ def fit(
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     if progress not in (True, False, "epochs"):
         raise ValueError(f"progress must be True, False or 'epochs', got {progress!r}")
+    if not isinstance(num_particles, int) or num_particles < 1:
+        raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
     d = _prepare_data(model, guide, data, eval_data, device, binarize, seed)
     x, extra, transform = d.x, d.extra, d.transform
     est = _objective(guide, loss, estimator, baseline, num_particles, x[0].numel(), d.device, seed)
@@ -493,7 +523,8 @@ def fit(
     scales = getattr(model, "site_scales", None)
     svi = SVI(training_objective(model, scales), training_objective(est.guide, scales), optim, est.loss)
 
-    start_epoch, history = _begin(resume, ckpt_path, metrics_path, door, settings, model, guide, optim, svi, seed)
+    start_epoch, history, partial = _begin(resume, ckpt_path, metrics_path, door, settings, model, guide, optim,
+                                           svi, seed)
     if ckpt_path is not None:
         ckpt.remove_temporaries(ckpt_path)  # left by a process killed mid-write
 
@@ -503,7 +534,7 @@ def fit(
     reference = None  # the loss of the run's first steps, to recognise an explosion
     seen = start_epoch * per_epoch
     next_mark = 0 if marks is None else sum(m <= seen for m in marks)
-    tally = _Tally()
+    tally = _Tally.restored(partial if marks is not None else None)
 
     def record(epoch: int) -> None:
         nonlocal tally
@@ -557,7 +588,7 @@ def fit(
         if marks is None:
             record(epoch)
         elif ckpt_path is not None:
-            ckpt.save_atomic(_state(model, guide, optim, epoch, history, settings), ckpt_path)
+            ckpt.save_atomic(_state(model, guide, optim, epoch, history, settings, tally), ckpt_path)
     for m in modules:
         m.eval()
     written = ckpt_path if ckpt_path is not None and ckpt_path.is_file() else None  # none after 0 epochs
@@ -565,9 +596,11 @@ def fit(
 
 
 def _begin(resume, ckpt_path: Path | None, metrics_path: Path | None, door: Callable[[], tuple],
-           settings: dict[str, Any], model, guide, optim, svi: SVI, seed: int) -> tuple[int, list[dict[str, Any]]]:
+           settings: dict[str, Any], model, guide, optim, svi: SVI,
+           seed: int) -> tuple[int, list[dict[str, Any]], dict[str, Any] | None]:
     """Start a run: restore a checkpoint (``resume``) or seed a fresh one; the contract is checked
-    either way (``door``). Returns the epoch reached and the history so far."""
+    either way (``door``). Returns the epoch reached, the history so far and, with ``record_at``,
+    the averages since the last record."""
     if resume:
         path = ckpt_path if resume is True else Path(resume)
         if path is None:
@@ -584,7 +617,7 @@ def _begin(resume, ckpt_path: Path | None, metrics_path: Path | None, door: Call
             # the checkpoint does not hold: the log restarts from what the checkpoint holds
             # (left alone when it says that already: a finished run may live in a read-only place)
             _write_metrics(metrics_path, history)
-        return state["epoch"], history
+        return state["epoch"], history, state.get("tally")
     before = (ckpt.rng_state(), pyro.get_param_store().get_state())
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
@@ -599,7 +632,7 @@ def _begin(resume, ckpt_path: Path | None, metrics_path: Path | None, door: Call
         pyro.get_param_store().set_state(before[1])
         raise
     ckpt.set_rng_state(rng)
-    return 0, []
+    return 0, [], None
 
 
 def _step(svi: SVI, loss: Any, args: tuple, model, guide, where: tuple) -> dict[str, float]:

@@ -9,6 +9,7 @@ the likelihood's parameters ``(..., 784)`` (logits or means).
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -131,6 +132,16 @@ class ConvDecoder(nn.Module):
 ARCHS = ("mlp", "conv")
 
 
+def _conv_shape(dim: int) -> tuple[int, int, int]:
+    """The ``(1, H, W)`` the conv networks read ``dim`` values as: square grey images, side a multiple of 4."""
+    side = math.isqrt(dim)
+    if side * side != dim or side % 4:
+        raise ValueError(f"arch 'conv' reads each datapoint as a square grey image whose side is a multiple of 4 "
+                         f"(28x28 for MNIST), but the data have {dim} values per datapoint; use arch 'mlp' "
+                         f"(--arch mlp)")
+    return (1, side, side)
+
+
 def make_encoder(arch: str, in_dim: int, hidden: int | Sequence[int], out_dim: int | None = None) -> nn.Module:
     """Build an encoder trunk ``x -> features`` by architecture name.
 
@@ -150,7 +161,7 @@ def make_encoder(arch: str, in_dim: int, hidden: int | Sequence[int], out_dim: i
     if arch == "mlp":
         return MLP(in_dim, sizes[:-1], out_dim or sizes[-1], final_activation=True)
     if arch == "conv":
-        return ConvEncoder(out_dim or sizes[-1])
+        return ConvEncoder(out_dim or sizes[-1], image_shape=_conv_shape(in_dim))
     raise ValueError(f"unknown architecture {arch!r}; valid: {list(ARCHS)}")
 
 
@@ -171,5 +182,5 @@ def make_decoder(arch: str, latent_dim: int, hidden: int | Sequence[int], out_di
     if arch == "mlp":
         return MLP(latent_dim, sizes, out_dim)
     if arch == "conv":
-        return ConvDecoder(latent_dim)
+        return ConvDecoder(latent_dim, image_shape=_conv_shape(out_dim))
     raise ValueError(f"unknown architecture {arch!r}; valid: {list(ARCHS)}")

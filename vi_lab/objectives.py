@@ -1,8 +1,9 @@
 """The objective layer: per-datapoint scaling, site scales and the loss registry (ELBOs, wake-sleep).
 
-The lowest floor of inference (DESIGN.md): the training loop, the estimators, local
-optimization and wake-sleep all build their Pyro objectives from here, and this module
-imports none of them.
+The lowest floor of inference (DESIGN.md): the training loop, the estimators and local
+optimization build their Pyro objectives from here, and this module imports none of them.
+The wake-sleep loss it registers (:mod:`vi_lab.wake_sleep`) sits beside it on this floor and
+imports only the contract.
 """
 
 from __future__ import annotations

@@ -93,6 +93,13 @@ def parser(doc: str, prog: str | None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, description=first, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def data_argument(value: str) -> str:
+    """``--data``: an existing path becomes absolute (so ``vi-lab eval`` and ``--resume`` find it from
+    anywhere); other values (``torchvision:<Class>``, a path that does not exist) pass as given."""
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
 def add_common_args(p: argparse.ArgumentParser, *, epochs: int = 10, eval_size: int = 1000,
                     eval_samples: int = 1000) -> None:
     """Add ``--epochs --dataset --data --data-dir --device --seed --train-size --eval-size
@@ -104,8 +111,9 @@ def add_common_args(p: argparse.ArgumentParser, *, epochs: int = 10, eval_size: 
     :param eval_samples: default K importance samples.
     """
     p.add_argument("--epochs", type=int, default=epochs, help="training epochs (default %(default)s)")
-    p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
-    p.add_argument("--data", default=None, metavar="PATH",
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
+    which.add_argument("--data", default=None, metavar="PATH", type=data_argument,
                    help="your own data instead of --dataset: a .npy/.npz/.pt array of images (N, H, W) or vectors "
                         "(N, D), a folder of image files (train/ and test/ subfolders optional), or "
                         "torchvision:<Class>; the model's input size follows it")

@@ -69,6 +69,16 @@ def _single_observed_site(trace) -> str:
     return names[0]
 
 
+def _require_density(guide_trace) -> None:
+    """Wake-sleep evaluates log q at latents held fixed (detached draws, dreams): every guide site
+    needs a density there, which flows without an inverse (planar, radial) cannot give."""
+    for site in guide_trace.nodes.values():
+        reason = site["type"] == "sample" and getattr(site["fn"], "score_function_error", None)
+        if reason:
+            raise ValueError(f"wake-sleep evaluates the guide's density at latents it did not just draw (detached "
+                             f"wake draws, dreams), which needs the guide's inverse: {reason}")
+
+
 def _tile(a: Any, k: int, batch: int) -> Any:
     """Repeat a batch-first tensor argument k times along dim 0 (``(B, ...) -> (k*B, ...)``)."""
     if torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == batch:
@@ -135,6 +145,7 @@ class ReweightedWakeSleep:
         with pyro.plate("_wake_particles", self.num_particles, dim=-(nesting + 1)):
             guide_trace = poutine.trace(guide).get_trace(x, *args)
             guide_trace.detach_()  # z is imputed data: no pathwise gradient into the guide
+            _require_density(guide_trace)
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, *args)
         guide_trace, model_trace = prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
         log_joint = sum(site_log_prob(s, nesting + 1) for s in model_trace.nodes.values()
@@ -167,6 +178,7 @@ class ReweightedWakeSleep:
         tiled = tuple(_tile(a, s, batch) for a in args)
         guide_trace = prune_subsample_sites(
             poutine.trace(poutine.condition(guide, data=latents)).get_trace(x_dream, *tiled))
+        _require_density(guide_trace)
         log_q = x_dream.new_zeros(())
         for site in guide_trace.nodes.values():
             if site["type"] == "sample":

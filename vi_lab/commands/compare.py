@@ -8,12 +8,13 @@ importance-sampled log p(x) with its K, seconds per epoch) and the ``eval_*.json
 
 from __future__ import annotations
 
-import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vi_lab import runs
+from vi_lab.commands.evaluate import read_json
 from vi_lab.reporting import format_table
 
 COLUMNS = ("run", "guide", "D", "epochs", "data", "train ELBO", "test ELBO", "log p(x)", "K", "s/epoch")
@@ -54,30 +55,39 @@ def rows_of(run: str | Path) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     metrics_path = run / "metrics.json"
     if metrics_path.is_file():
-        m = json.loads(metrics_path.read_text())
+        m = read_json(metrics_path)
         cfg = m.get("config", {})
+        if not {"guide", "latent_dim", "likelihood"} <= set(cfg):  # another command's run (cvae: log p(x | y))
+            raise ValueError(f"{run} was not written by vi-lab train (its metrics are another command's); "
+                             f"compare VAE runs of vi-lab train and their vi-lab eval results")
         found.append({"run": str(run), "guide": m.get("guide"), "D": cfg.get("latent_dim"), "epochs": m.get("epochs"),
                       "data": f"{m.get('dataset')} test ({m.get('eval_size')})", "train ELBO": m.get("train_elbo"),
                       "test ELBO": m.get("test_elbo"), "log p(x)": m.get("test_log_likelihood"),
                       "log p(x) sem": m.get("test_log_likelihood_sem"), "K": m.get("eval_samples"),
                       "s/epoch": m.get("seconds_per_epoch")})
     for path in sorted(run.glob("eval_*.json")):
-        e = json.loads(path.read_text())
-        found.append({"run": str(run), "guide": e.get("guide"), "D": None, "epochs": None,
+        e = read_json(path)
+        found.append({"run": str(run), "guide": e.get("guide"), "D": e.get("latent_dim"), "epochs": e.get("run_epochs"),
                       "data": f"{e.get('dataset')} {e.get('split')} ({e.get('eval_size')})", "train ELBO": None,
                       "test ELBO": e["elbo"]["mean"], "log p(x)": e["log_likelihood"]["mean"],
                       "log p(x) sem": e["log_likelihood"]["sem"], "K": e.get("eval_samples"), "s/epoch": None})
     if not found:
         raise ValueError(f"{run} holds no metrics.json or eval_*.json: give directories written by vi-lab train "
                          f"(and vi-lab eval)")
-    if found[0].get("D") is not None:
-        for row in found[1:]:
-            row["D"], row["epochs"] = found[0]["D"], found[0]["epochs"]
     return found
 
 
 def main(cfg: Config) -> list[dict[str, Any]]:
-    rows = [row for run in cfg.runs for row in rows_of(run)]
+    rows: list[dict[str, Any]] = []
+    for run in cfg.runs:
+        try:
+            rows += rows_of(run)
+        except ValueError as err:  # one unusable directory (another command's, damaged) does not stop the table
+            if len(cfg.runs) == 1:
+                raise
+            print(f"skipped: {err}", file=sys.stderr)
+    if not rows:
+        raise ValueError(f"none of {', '.join(cfg.runs)} holds results of vi-lab train or vi-lab eval")
     rows.sort(key=lambda r: -(r["log p(x)"] if r["log p(x)"] is not None else float("-inf")))
     table = [COLUMNS] + [
         (r["run"], r["guide"] or "-", r["D"] if r["D"] is not None else "-", r["epochs"] if r["epochs"] is not None

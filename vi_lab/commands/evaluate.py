@@ -7,7 +7,7 @@ those draws (above 0.7 the log p(x) estimate of a datapoint is not trustworthy).
 default it scores the run's own test split; ``--split train``, ``--dataset`` or
 ``--data PATH`` score other data of the same size per datapoint. Held-out data are
 binarized as the run's were (:func:`vi_lab.infer.heldout_binarized`). Writes
-``RUN_DIR/eval_<data>_<split>_K<K>.json`` (or ``--out FILE``).
+``RUN_DIR/eval_<data>_<split>_N<size>_K<K>_s<seed>.json`` (or ``--out FILE``).
 """
 
 from __future__ import annotations
@@ -73,6 +73,14 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Config
     return cfg
 
 
+def read_json(path: Path) -> dict:
+    """A JSON file a run wrote; a damaged one is an error naming it, not a traceback."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not readable JSON ({err}); restore it or remove the run") from None
+
+
 def load_run(run: str | Path, device: torch.device | str = "cpu") -> tuple[train.Config, torch.nn.Module, torch.nn.Module]:
     """The config, model and guide of a run of ``vi-lab train``, with the checkpoint's weights.
 
@@ -91,7 +99,7 @@ def load_run(run: str | Path, device: torch.device | str = "cpu") -> tuple[train
         if not path.is_file():
             raise ValueError(f"{run} holds no run of vi-lab train: {path.name} is missing (a run directory has "
                              f"config.json and last.pt)")
-    saved = json.loads(config_path.read_text()).get("config", {})
+    saved = read_json(config_path).get("config", {})
     fields = {f.name for f in dataclasses.fields(train.Config)}
     if not {"guide", "latent_dim", "likelihood"} <= set(saved):
         raise ValueError(f"{run} was not written by vi-lab train (its config has no guide/latent_dim/likelihood); "
@@ -99,6 +107,7 @@ def load_run(run: str | Path, device: torch.device | str = "cpu") -> tuple[train
     kw = {k: (tuple(v) if k == "hidden" else v) for k, v in saved.items() if k in fields}
     cfg = train.Config(**kw)
     state = load_checkpoint(ckpt_path, map_location="cpu")
+    cfg = dataclasses.replace(cfg, epochs=state["epoch"])  # what the weights were trained for
     x_dim = state["settings"]["data"]["shape"][1] if state.get("settings") else 784
     pyro.clear_param_store()
     model, guide = train.build(cfg, x_dim)
@@ -113,15 +122,20 @@ def load_run(run: str | Path, device: torch.device | str = "cpu") -> tuple[train
 def main(cfg: Config) -> dict:
     device = runs.setup(cfg.threads, cfg.device)
     run_cfg, model, guide = load_run(cfg.run, device)
+    if cfg.out:
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)  # before the work, not after
     name = cfg.data or cfg.dataset or run_cfg.data or run_cfg.dataset
     ds = load_dataset(name, cfg.split, data_dir=cfg.data_dir or (run_cfg.data_dir if name == run_cfg.dataset else None),
                       device=device)
     ds = ds.subset(min(cfg.eval_size, len(ds)))
+    if not cfg.out:
+        out = Path(cfg.run) / f"eval_{Path(ds.name).stem}_{cfg.split}_N{len(ds)}_K{cfg.eval_samples}_s{cfg.seed}.json"
     if ds.images.shape[1] != model.x_dim:
         raise ValueError(f"the run's model takes {model.x_dim} values per datapoint; {ds.name} {cfg.split} has "
                          f"{ds.images.shape[1]}: score it on data of the run's size")
     mode = run_cfg.binarize or runs.default_binarization(run_cfg.likelihood)
-    x = heldout_binarized(ds.images, mode, cfg.seed)
+    x = heldout_binarized(ds.images, mode, run_cfg.seed)  # binarized as the run's own test set was
     pyro.set_rng_seed(cfg.seed)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -135,6 +149,7 @@ def main(cfg: Config) -> dict:
         "run": str(cfg.run), "dataset": ds.name, "split": cfg.split, "data_source": ds.source,
         "data_fallback": ds.fallback,
         "eval_size": len(ds), "eval_samples": cfg.eval_samples, "binarization": mode,
+        "binarization_seed": run_cfg.seed + 1, "run_epochs": run_cfg.epochs, "latent_dim": run_cfg.latent_dim,
         "elbo": dict(zip(("mean", "sem"), runs.mean_sem(elbo))),
         "log_likelihood": dict(zip(("mean", "sem"), runs.mean_sem(ll))),
         "khat_mean": finite.mean().item() if len(finite) else None,
@@ -142,7 +157,6 @@ def main(cfg: Config) -> dict:
         "seconds": seconds, "device": str(device), "guide": run_cfg.guide,
         "units": "nats per datapoint (higher is better)", **runs.provenance(cfg),
     }
-    out = Path(cfg.out) if cfg.out else Path(cfg.run) / f"eval_{Path(ds.name).stem}_{cfg.split}_K{cfg.eval_samples}.json"
     runs.write_json(out, result)
     print(runs.format_table([
         (f"{cfg.run}: {run_cfg.guide} guide, D={run_cfg.latent_dim}", "nats per datapoint"),

@@ -46,6 +46,7 @@ class Config(runs.CommonConfig):
     rank: int | None = None  # low_rank
     components: int | None = None  # mixture
     loss: str = "trace"
+    num_particles: int = 1  # ELBO particles per step (wake particles for rws)
     estimator: str = "reparam"  # gradient estimator (vi_lab.estimators.ESTIMATORS)
     baseline: str | None = None  # reinforce_baseline: decaying_avg (default) or nn
     batch_size: int = 128
@@ -73,6 +74,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Config
     p.add_argument("--rank", type=int, default=None, help="rank of the low_rank guide's factor (default 2)")
     p.add_argument("--components", type=int, default=None, help="components of the mixture guide (default 5)")
     p.add_argument("--loss", choices=sorted(vi_lab.infer.LOSSES), default=Config.loss)
+    p.add_argument("--num-particles", type=int, default=Config.num_particles,
+                   help="Monte Carlo particles per step (wake particles for --loss rws, which needs >= 2)")
     p.add_argument("--estimator", choices=list(ESTIMATORS), default=Config.estimator,
                    help="gradient estimator: pathwise (reparam) or score function (reinforce, reinforce_baseline)")
     p.add_argument("--baseline", choices=list(BASELINES), default=None,
@@ -122,7 +125,7 @@ def main(cfg: Config) -> dict:
     model, guide = build(cfg, x_train.shape[1])
 
     result = vi_lab.fit(
-        model, guide, x_train, loss=cfg.loss, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+        model, guide, x_train, loss=cfg.loss, num_particles=cfg.num_particles, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
         estimator=cfg.estimator, baseline=cfg.baseline,
         device=device, seed=cfg.seed, checkpoint_dir=out, resume=_resume_path(cfg) if cfg.resume else False,
         progress=runs.fit_progress(cfg.progress), binarize=data.fit_binarize, eval_data=x_test,
