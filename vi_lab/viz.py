@@ -575,3 +575,50 @@ def save_rows(rows: dict[str, torch.Tensor], path: str | Path, *, title: str, xl
     n = next(iter(sizes.values()))
     return _save_labelled_grid(torch.cat([r.reshape(n, -1) for r in rows.values()]), path, rows=len(rows), cols=n,
                                title=title, row_labels=list(rows), col_labels=col_labels, xlabel=xlabel)
+
+
+def save_templates(models: dict[int, Any], path: str | Path, ncol: int = 10) -> Path:
+    """Each mixture's templates ``sigmoid(W_k)``, ordered by mixing weight, one panel per K.
+
+    :param models: K -> a fitted :class:`vi_lab.models.loglinear.BernoulliMixture`.
+    :param path: output PNG.
+    """
+    fig, axes = plt.subplots(len(models), 1, squeeze=False,
+                             figsize=(ncol * 0.75, sum(0.75 * -(-K // ncol) + 0.35 for K in models)),
+                             gridspec_kw={"height_ratios": [-(-K // ncol) for K in models]})
+    for ax, (K, model) in zip(axes[:, 0], models.items()):
+        order = model.log_prior().argsort(descending=True)
+        templates = model.templates()[order].detach().cpu()
+        images = templates.reshape(-1, *image_shape(templates.shape[-1]))  # (K, 1, H, W)
+        grid = make_grid(images, nrow=min(ncol, K), padding=2, pad_value=1.0)[0]
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
+        pi = model.log_prior().exp()[order]
+        ax.set_title(f"K={K} (EM): class templates, mixing weights {pi.max().item():.3f} ... {pi.min().item():.3f}",
+                     fontsize=9)
+        ax.axis("off")
+    return save_figure(fig, path)
+
+
+def save_em_curves(results: dict[int, Any], path: str | Path) -> Path:
+    """Training log-likelihood per EM iteration: every restart (thin), the kept one (thick).
+
+    :param results: K -> the result of :func:`vi_lab.em.em` (its ``runs`` and ``best``).
+    :param path: output PNG.
+    """
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lows = []
+    for i, (K, result) in enumerate(results.items()):
+        color = f"C{i}"
+        for j, run in enumerate(result.runs):
+            kept = j == result.best
+            ax.plot(range(len(run.log_likelihoods)), run.log_likelihoods, color=color, lw=2 if kept else 0.8,
+                    alpha=1.0 if kept else 0.5, label=f"K={K} (best of {len(result.runs)})" if kept else None)
+            lows.extend(run.log_likelihoods[1:2])
+    if lows:  # iteration 0 (the random start) is far below; keep the interesting range in view
+        ax.set_ylim(bottom=min(lows) - 2)
+    ax.set_xlabel("EM iteration")
+    ax.set_ylabel("train log-likelihood (nats per datapoint,\nhigher is better)")
+    ax.set_title("Bernoulli mixtures fitted by EM (exact log p(x))")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save_figure(fig, path)

@@ -31,7 +31,7 @@ import pyro
 import torch
 
 import vi_lab
-from vi_lab import evaluate, metrics, runs, viz
+from vi_lab import evaluate, metrics, runs
 from vi_lab.models.autoencoder import (
     CODE_SAMPLERS,
     CORRUPTIONS,
@@ -97,6 +97,8 @@ def loss_history(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def main(cfg: Config) -> dict:
     """Train the AE, the DAE and the VAE, decode random latents, measure; write the pictures and metrics.json."""
+    from vi_lab import viz  # matplotlib: imported when pictures are drawn, not for --help
+
     device = runs.setup(cfg.threads, cfg.device)
     out = runs.out_dir(cfg.out, overwrite=cfg.overwrite)
     source = cfg.data or cfg.dataset

@@ -20,20 +20,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
-
-import vi_lab  # noqa: E402
-from vi_lab import evaluate, runs, viz  # noqa: E402
-from vi_lab.em import INNER_OPTIMIZERS, em  # noqa: E402
-from vi_lab.models.loglinear import BernoulliMixture, empty_guide, enum_elbo  # noqa: E402
+import vi_lab
+from vi_lab import evaluate, runs
+from vi_lab.em import INNER_OPTIMIZERS, em
+from vi_lab.models.loglinear import BernoulliMixture, empty_guide, enum_elbo
 
 METHODS = ("em", "svi", "vae")
 
@@ -151,45 +145,6 @@ def run_vae(cfg: Config, data: runs.RunData, device: torch.device) -> dict[str, 
             "epochs": len(fit.history), "latent_dim": cfg.latent_dim, "history": fit.history}
 
 
-def save_templates(models: dict[int, BernoulliMixture], path: Path, ncol: int = 10) -> Path:
-    """Each mixture's templates ``sigmoid(W_k)``, ordered by mixing weight, one panel per K."""
-    fig, axes = plt.subplots(len(models), 1, squeeze=False,
-                             figsize=(ncol * 0.75, sum(0.75 * -(-K // ncol) + 0.35 for K in models)),
-                             gridspec_kw={"height_ratios": [-(-K // ncol) for K in models]})
-    for ax, (K, model) in zip(axes[:, 0], models.items()):
-        order = model.log_prior().argsort(descending=True)
-        templates = model.templates()[order].detach().cpu()
-        images = templates.reshape(-1, *viz.image_shape(templates.shape[-1]))  # (K, 1, H, W)
-        grid = make_grid(images, nrow=min(ncol, K), padding=2, pad_value=1.0)[0]
-        ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
-        pi = model.log_prior().exp()[order]
-        ax.set_title(f"K={K} (EM): class templates, mixing weights {pi.max().item():.3f} ... {pi.min().item():.3f}",
-                     fontsize=9)
-        ax.axis("off")
-    return viz.save_figure(fig, path)
-
-
-def save_em_curves(results: dict[int, Any], path: Path) -> Path:
-    """Training log-likelihood per EM iteration: every restart (thin), the kept one (thick)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    lows = []
-    for i, (K, result) in enumerate(results.items()):
-        color = f"C{i}"
-        for j, run in enumerate(result.runs):
-            kept = j == result.best
-            ax.plot(range(len(run.log_likelihoods)), run.log_likelihoods, color=color, lw=2 if kept else 0.8,
-                    alpha=1.0 if kept else 0.5, label=f"K={K} (best of {len(result.runs)})" if kept else None)
-            lows.extend(run.log_likelihoods[1:2])
-    if lows:  # iteration 0 (the random start) is far below; keep the interesting range in view
-        ax.set_ylim(bottom=min(lows) - 2)
-    ax.set_xlabel("EM iteration")
-    ax.set_ylabel("train log-likelihood (nats per datapoint,\nhigher is better)")
-    ax.set_title("Bernoulli mixtures fitted by EM (exact log p(x))")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return viz.save_figure(fig, path)
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     """The results, one row per method and K."""
     lines = [("method", "K", "test log-lik (nats/datapoint)", "estimator", "train", "fit s (wall)", "fit s (CPU)",
@@ -206,6 +161,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(cfg: Config) -> dict:
     """Fit every method of ``cfg.methods`` (EM and SVI per K, one VAE); write em.json and the figures."""
+    from vi_lab import viz  # matplotlib: imported when pictures are drawn, not for --help
+
     device = runs.setup(cfg.threads, cfg.device)
     out = runs.out_dir(cfg.out, overwrite=cfg.overwrite)
     # one static binarization for everything: mixtures and VAE fit the same binary images
@@ -238,9 +195,9 @@ def main(cfg: Config) -> dict:
     written = ["em.json"]
     if em_models:
         if data.drawable:
-            save_templates(em_models, out / "templates.png")
+            viz.save_templates(em_models, out / "templates.png")
             written.append("templates.png")
-        save_em_curves(em_results, out / "em_curve.png")
+        viz.save_em_curves(em_results, out / "em_curve.png")
         written.append("em_curve.png")
 
     print()

@@ -29,7 +29,7 @@ import pyro
 import torch
 
 import vi_lab
-from vi_lab import checkpoint, gaps, runs, viz
+from vi_lab import checkpoint, gaps, runs
 from vi_lab.commands import train
 from vi_lab.guides import GUIDES
 from vi_lab.guides.local import LOCAL_GUIDES
@@ -192,6 +192,8 @@ def train_or_load(cfg: Config, name: str, data: runs.RunData, device: torch.devi
 
 def main(cfg: Config) -> dict:
     """Train (or load) each family, measure its gaps and refinement curve; write gaps.json and the figures."""
+    from vi_lab import viz  # matplotlib: imported when pictures are drawn, not for --help
+
     t_start = time.perf_counter()
     problems = _check(cfg)
     if problems:
