@@ -14,6 +14,7 @@ with per-item ``ToTensor`` behind a ``DataLoader``.
 Usage::
 
     python benchmarks/step_time.py --threads 2 --rounds 30 --out benchmarks/results/step_time.json
+    python benchmarks/step_time.py --device cuda --rounds 30    # on a GPU: both steps there
 """
 
 from __future__ import annotations
@@ -58,10 +59,14 @@ class PlainVAE(nn.Module):
 
 
 def time_steps(x: torch.Tensor, batch: int, rounds: int, block: int) -> dict:
+    """Alternating blocks of both steps on ``x``'s device (synchronized there before each clock read)."""
     pyro.clear_param_store()
-    model, guide = vi_lab.VAE(20, [400]), vi_lab.make_guide("mean_field", latent_dim=20, hidden=[400])
+    device = x.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model = vi_lab.VAE(20, [400]).to(device)
+    guide = vi_lab.make_guide("mean_field", latent_dim=20, hidden=[400]).to(device)
     svi = SVI(training_objective(model), training_objective(guide), pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
-    plain = PlainVAE()
+    plain = PlainVAE().to(device)
     opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
 
     def plain_step(xb):
@@ -77,12 +82,15 @@ def time_steps(x: torch.Tensor, batch: int, rounds: int, block: int) -> dict:
         plain_step(xb)
     vi, pt = [], []
     for _ in range(rounds):
+        sync()
         t0 = time.perf_counter()
         for xb in batches:
             svi.step(xb)
+        sync()
         t1 = time.perf_counter()
         for xb in batches:
             plain_step(xb)
+        sync()
         t2 = time.perf_counter()
         vi.append((t1 - t0) / block)
         pt.append((t2 - t1) / block)
@@ -95,8 +103,11 @@ def time_batching(images: torch.Tensor, source_dir: Path, batch: int) -> dict:
     from torchvision import datasets, transforms
 
     batches = DeviceBatches(images, batch, transform=lambda b: binarize(b, "dynamic"))
+    sync = torch.cuda.synchronize if images.device.type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     n = sum(xb.shape[0] for xb in batches)
+    sync()
     device_s = time.perf_counter() - t0
 
     # torchvision's MNIST reads the raw (un-gzipped) IDX files from <root>/MNIST/raw
@@ -126,17 +137,20 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=30, help="alternating timing rounds")
     p.add_argument("--block", type=int, default=20, help="steps per timed block")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="cpu", help="where both steps run: cpu, cuda, ... (default %(default)s)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(0)
     train = load_dataset("mnist", "train", data_dir=args.data_dir)
-    x = binarize(train.images[: args.block * args.batch_size], "static")
+    device = torch.device(args.device)
+    x = binarize(train.images[: args.block * args.batch_size], "static").to(device)
     steps = time_steps(x, args.batch_size, args.rounds, args.block)
     source_dir = Path(train.source.split(" (")[0])
-    batching = time_batching(train.images, source_dir, args.batch_size)
-    result = {"steps": steps, "batching": batching, "threads": args.threads, "torch": torch.__version__,
+    batching = time_batching(train.images.to(device), source_dir, args.batch_size)
+    result = {"steps": steps, "batching": batching, "threads": args.threads, "device": str(device),
+              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "torch": torch.__version__,
               "pyro": pyro.__version__, "cpu": platform.processor() or platform.machine(),
               "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/step_time.py " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)}
