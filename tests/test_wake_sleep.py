@@ -269,3 +269,12 @@ def test_wake_sleep_vs_aevb_example_runs(tmp_path, example_args):
     assert "wake-sleep" in proc.stdout and "AEVB" in proc.stdout
     # --no-progress keeps fit's line per recorded point (one here: 200 samples are fewer than ten batches)
     assert "epoch 1, 200 samples: train ELBO" in proc.stdout
+
+
+def test_adam_refuses_a_learning_rate_for_a_network_the_pair_does_not_have(device):
+    model, guide = small_pair(device)
+    x = torch.bernoulli(torch.full((20, 6), 0.4, device=device))
+    with pytest.raises(ValueError, match=r"adam\(\) got learning rates for encoder, but the model and guide register "
+                                         r"their networks as guide, model"):
+        vi_lab.fit(model, guide, x, loss="wake_sleep", epochs=1, batch_size=10, optimizer=adam(0.1, encoder=0.0),
+                   progress=False)

@@ -237,7 +237,9 @@ def adam(lr: float = 1e-3, **module_lrs: float) -> pyro.optim.PyroOptim:
     def args(param_name: str) -> dict[str, float]:  # "guide.encoder.0.weight"
         return {"lr": module_lrs.get(param_name.split(".", 1)[0], lr)}
 
-    return pyro.optim.Adam(args)
+    optim = pyro.optim.Adam(args)
+    optim.module_lrs = dict(module_lrs)  # fit checks each name against the networks the pair registers
+    return optim
 
 
 @dataclass
@@ -509,6 +511,7 @@ def fit(
         first = (x0, extra[:batch_size]) if extra is not None else (x0,)
         enumerated_ok = not own_loss and isinstance(est.loss, TraceEnum_ELBO)
         pair = check_pair(model, guide, *first, enumerated_ok=enumerated_ok, what="data")
+        _check_module_lrs(optim)  # the pair's networks are registered now
         if transform is None:
             check_support(pair, x, "data")
         if d.eval_x is not None:
@@ -633,6 +636,18 @@ def _begin(resume, ckpt_path: Path | None, metrics_path: Path | None, door: Call
         raise
     ckpt.set_rng_state(rng)
     return 0, [], None
+
+
+def _check_module_lrs(optim: Any) -> None:
+    """A learning rate given for a network name the pair never registers would silently not apply."""
+    wanted = getattr(optim, "module_lrs", None)
+    if not wanted:
+        return
+    names = sorted({name.split("$$$")[0] for name in pyro.get_param_store().keys() if "$$$" in name})
+    unknown = sorted(set(wanted) - set(names))
+    if unknown:
+        raise ValueError(f"adam() got learning rates for {', '.join(unknown)}, but the model and guide register "
+                         f"their networks as {', '.join(names) or 'nothing (no pyro.module)'}; use those names")
 
 
 def _step(svi: SVI, loss: Any, args: tuple, model, guide, where: tuple) -> dict[str, float]:
