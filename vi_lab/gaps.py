@@ -199,7 +199,7 @@ class ProposalResult:
 
 @torch.no_grad()
 def score_proposal(model: Callable, guide: Callable, x: torch.Tensor, *args, num_samples: int = 5000,
-                   **kwargs) -> ProposalResult:
+                   batch_size: int | None = None, progress: bool | str = False, **kwargs) -> ProposalResult:
     """ELBO, importance-sampled log p̂(x) and PSIS k-hat from the same K draws of one guide.
 
     The ELBO is the mean of the log weights, log p̂(x) their log-mean-exp; sharing the
@@ -209,10 +209,12 @@ def score_proposal(model: Callable, guide: Callable, x: torch.Tensor, *args, num
     :param guide: the proposal, amortized or local (a local guide gets its full batch).
     :param x: the N datapoints.
     :param num_samples: K draws per datapoint.
+    :param batch_size: datapoints per chunk of K draws (None: all at once, which a local guide needs).
+    :param progress: a progress bar over the chunks (its label, or True).
     :returns: :class:`ProposalResult` of ``(N,)`` tensors.
     """
     lw = evaluate.log_weights(model, guide, x, *args, num_samples=num_samples,
-                              batch_size=max(1, x.shape[0]), **kwargs)  # (K, N)
+                              batch_size=batch_size or max(1, x.shape[0]), progress=progress, **kwargs)  # (K, N)
     return ProposalResult(elbo=lw.mean(0), log_px=lw.logsumexp(0) - math.log(num_samples),
                           khat=pareto_khat(lw).to(lw.device))
 

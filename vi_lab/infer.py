@@ -328,20 +328,16 @@ def _record_marks(record_at: Any, per_epoch: int, epochs: int) -> list[int] | No
 
 
 class _Tally:
-    """Per-datapoint averages of a step's monitored terms since the last record, and the time spent."""
+    """Per-datapoint averages of a step's monitored terms since the last record, and the time spent.
 
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.n = 0
-        self.seconds = self.cpu_seconds = 0.0
-        self.resume_clock()
+    :param state: what :meth:`state` saved in a checkpoint (a resumed run continues it), or None.
+    """
 
-    def resume_clock(self) -> None:
+    def __init__(self, state: dict[str, Any] | None = None) -> None:
+        self.sums: dict[str, float] = dict(state["sums"]) if state else {}
+        self.n: int = state["n"] if state else 0
+        self._before = (state["seconds"], state["cpu_seconds"]) if state else (0.0, 0.0)
         self._t0, self._c0 = time.perf_counter(), time.process_time()
-
-    def pause_clock(self) -> None:
-        self.seconds += time.perf_counter() - self._t0
-        self.cpu_seconds += time.process_time() - self._c0
 
     def add(self, terms: dict[str, float], n: int) -> None:
         for k, v in terms.items():
@@ -351,20 +347,15 @@ class _Tally:
     def means(self) -> dict[str, float]:
         return {k: v / self.n for k, v in self.sums.items()}
 
-    def state(self) -> dict[str, Any]:
-        """What a checkpoint keeps: the sums so far and the time spent (the clock paused at the save)."""
-        now = _Tally.__new__(_Tally)
-        now.seconds = self.seconds + time.perf_counter() - self._t0
-        now.cpu_seconds = self.cpu_seconds + time.process_time() - self._c0
-        return {"sums": dict(self.sums), "n": self.n, "seconds": now.seconds, "cpu_seconds": now.cpu_seconds}
+    def elapsed(self) -> tuple[float, float]:
+        """Wall and CPU seconds since the last record."""
+        return (self._before[0] + time.perf_counter() - self._t0,
+                self._before[1] + time.process_time() - self._c0)
 
-    @classmethod
-    def restored(cls, state: dict[str, Any] | None) -> "_Tally":
-        tally = cls()
-        if state:
-            tally.sums, tally.n = dict(state["sums"]), state["n"]
-            tally.seconds, tally.cpu_seconds = state["seconds"], state["cpu_seconds"]
-        return tally
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the sums so far and the time spent."""
+        seconds, cpu_seconds = self.elapsed()
+        return {"sums": dict(self.sums), "n": self.n, "seconds": seconds, "cpu_seconds": cpu_seconds}
 
 
 def fit(
@@ -537,14 +528,14 @@ def fit(
     reference = None  # the loss of the run's first steps, to recognise an explosion
     seen = start_epoch * per_epoch
     next_mark = 0 if marks is None else sum(m <= seen for m in marks)
-    tally = _Tally.restored(partial if marks is not None else None)
+    tally = _Tally(partial if marks is not None else None)
 
     def record(epoch: int) -> None:
         nonlocal tally
-        tally.pause_clock()
+        seconds, cpu_seconds = tally.elapsed()
         # CPU seconds beside wall seconds: on a shared machine wall time alone misleads
         entry: dict[str, Any] = {"epoch": epoch, "samples_seen": seen, **tally.means(),
-                                 "seconds": tally.seconds, "cpu_seconds": tally.cpu_seconds}
+                                 "seconds": seconds, "cpu_seconds": cpu_seconds}
         _warn_if_exploding(entry, reference, history, optimizer is None and lr)
         if d.eval_x is not None:
             for m in modules:

@@ -16,6 +16,14 @@ from pyro.poutine.messenger import Messenger
 
 from vi_lab.wake_sleep import ReweightedWakeSleep
 
+
+def _rws(num_particles: int) -> ReweightedWakeSleep:
+    if num_particles < 2:
+        raise ValueError(f"loss rws needs num_particles >= 2 wake particles (5 is usual), got {num_particles}; "
+                         "with one particle use loss='wake_sleep'")
+    return ReweightedWakeSleep(num_particles=num_particles, insomnia=1.0)
+
+
 #: loss names accepted by :func:`vi_lab.fit`, each made from the number of particles; any
 #: ``pyro.infer.ELBO`` instance, or a callable ``loss(model, guide, *args) -> tensor``, is accepted too
 LOSSES: dict[str, Callable[[int], Callable]] = {
@@ -25,15 +33,8 @@ LOSSES: dict[str, Callable[[int], Callable]] = {
     # classic wake-sleep: one wake draw, the guide learns from dreams only
     "wake_sleep": lambda n: ReweightedWakeSleep(num_particles=n, insomnia=0.0),
     # reweighted wake-sleep: n wake particles, the guide learns from them (wake-phi)
-    "rws": lambda n: _rws(n),
+    "rws": _rws,
 }
-
-
-def _rws(num_particles: int) -> ReweightedWakeSleep:
-    if num_particles < 2:
-        raise ValueError(f"loss rws needs num_particles >= 2 wake particles (5 is usual), got {num_particles}; "
-                         "with one particle use loss='wake_sleep'")
-    return ReweightedWakeSleep(num_particles=num_particles, insomnia=1.0)
 
 
 class _SiteScale(Messenger):

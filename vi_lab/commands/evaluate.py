@@ -25,9 +25,8 @@ from vi_lab import runs
 from vi_lab.checkpoint import load as load_checkpoint
 from vi_lab.commands import train
 from vi_lab.data import DATASETS, load_dataset
-from vi_lab.gaps import pareto_khat
+from vi_lab.gaps import score_proposal
 from vi_lab.infer import CHECKPOINT_NAME, heldout_binarized
-from vi_lab.evaluate import log_weights
 
 
 @dataclass(frozen=True)
@@ -138,12 +137,11 @@ def main(cfg: Config) -> dict:
     x = heldout_binarized(ds.images, mode, run_cfg.seed)  # binarized as the run's own test set was
     pyro.set_rng_seed(cfg.seed)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        lw = log_weights(model, guide, x, num_samples=cfg.eval_samples, batch_size=cfg.batch_size,
-                         progress="log weights" if cfg.progress else False)  # (K, N)
+    # ELBO, log p(x) and k-hat from the same K draws per datapoint
+    scored = score_proposal(model, guide, x, num_samples=cfg.eval_samples, batch_size=cfg.batch_size,
+                            progress="log weights" if cfg.progress else False)
     seconds = time.perf_counter() - t0
-    elbo, ll = lw.mean(0), lw.logsumexp(0) - torch.log(lw.new_tensor(float(cfg.eval_samples)))
-    khat = pareto_khat(lw)
+    elbo, ll, khat = scored.elbo, scored.log_px, scored.khat
     finite = khat[torch.isfinite(khat)]
     result = {
         "run": str(cfg.run), "dataset": ds.name, "split": cfg.split, "data_source": ds.source,
