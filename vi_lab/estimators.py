@@ -17,7 +17,8 @@ name                        Pyro objective      guide sites
 REINFORCE is obtained by turning ``has_rsample`` off, with the objective floor's one
 mechanism (:class:`vi_lab.score_function.ScoreFunction`), so Pyro's ELBOs take their
 score-function path (``score * (log p - log q)`` per datapoint); there is no second
-copy of the objective. Baselines are declared the way ``pyro/infer/tracegraph_elbo.py``
+copy of the objective. Trace_ELBO is :class:`vi_lab.objectives.SyncFreeTrace_ELBO`, Pyro's
+estimator with its loss kept on the device. Baselines are declared the way ``pyro/infer/tracegraph_elbo.py``
 reads them: ``decaying_avg`` is Pyro's ``use_decaying_avg_baseline``; ``nn`` adds an
 input-dependent network ``b(x)`` (``nn_baseline``) on top of that running average,
 the NVIL recipe (Mnih & Gregor, 2014).
@@ -35,12 +36,13 @@ from typing import Any, Callable
 
 import pyro
 import torch
-from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO
+from pyro.infer import ELBO, TraceEnum_ELBO, TraceGraph_ELBO
 from pyro.poutine.messenger import Messenger
+from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from vi_lab.nets import MLP
-from vi_lab.objectives import make_loss
+from vi_lab.objectives import SyncFreeTrace_ELBO, make_loss
 from vi_lab.relaxed import StraightThrough
 from vi_lab.score_function import ScoreFunction, is_latent
 
@@ -205,7 +207,14 @@ def _score_function_guide(guide: Callable) -> Callable:
 
 
 def _reparam(guide, est, net):
-    return _wrap(guide, lambda args: RequireReparameterizable())
+    checked = _wrap(guide, lambda args: RequireReparameterizable())
+
+    def run(*args, **kwargs):
+        # a check of the guide's structure: validated steps run it (fit's first step), the hot loop does not
+        return checked(*args, **kwargs) if is_validation_enabled() else guide(*args, **kwargs)
+
+    run.__wrapped__ = guide  # type: ignore[attr-defined]
+    return run
 
 
 def _reinforce(guide, est, net):
@@ -246,13 +255,13 @@ def _enum(guide, est, net):
 ESTIMATORS: dict[str, EstimatorSpec] = {
     "reparam": EstimatorSpec("pathwise (reparameterized) gradients", None, _reparam),
     "reinforce": EstimatorSpec("score function, no baseline",
-                               lambda n: Trace_ELBO(num_particles=n, vectorize_particles=n > 1), _reinforce),
+                               lambda n: SyncFreeTrace_ELBO(num_particles=n, vectorize_particles=n > 1), _reinforce),
     # particles run one after another: a baseline's shape is one value per datapoint
     "reinforce_baseline": EstimatorSpec("score function with a baseline (TraceGraph_ELBO)",
                                         lambda n: TraceGraph_ELBO(num_particles=n, vectorize_particles=False),
                                         _reinforce_baseline, fixed_batch=True),
     "relaxed": EstimatorSpec("straight-through Gumbel-softmax (biased)",
-                             lambda n: Trace_ELBO(num_particles=n, vectorize_particles=n > 1), _relaxed,
+                             lambda n: SyncFreeTrace_ELBO(num_particles=n, vectorize_particles=n > 1), _relaxed,
                              unbiased=False),
     "enum": EstimatorSpec("exact expectation over an enumerable latent (TraceEnum_ELBO)",
                           lambda n: TraceEnum_ELBO(num_particles=n, vectorize_particles=n > 1), _enum),

@@ -11,10 +11,72 @@ from __future__ import annotations
 from typing import Callable
 
 import pyro.poutine as poutine
+import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer.trace_elbo import _compute_log_r
+from pyro.infer.util import is_identically_zero
 from pyro.poutine.messenger import Messenger
 
 from vi_lab.wake_sleep import ReweightedWakeSleep
+
+
+class SyncFreeTrace_ELBO(Trace_ELBO):
+    """Pyro's ``Trace_ELBO`` estimator whose loss never leaves the device.
+
+    ``Trace_ELBO.differentiable_loss`` reads every site's log-density back as a Python
+    number (``torch_item``), one device synchronization per site and step, and checks the
+    loss for NaN (another). This subclass computes the same estimator from the same traces
+    with tensors only: the returned loss has the value of the ELBO estimate (negated) and
+    the gradient of Pyro's surrogate, score-function terms with their partial
+    Rao-Blackwellization included. So a training step can run ahead of the device, or be
+    captured whole in a CUDA graph. :func:`vi_lab.fit` checks the loss for NaN itself.
+
+    ``loss`` (a float, for monitoring) is Pyro's; ``loss_and_grads`` backpropagates this
+    loss and returns it as a float, so ``pyro.infer.SVI`` takes the class as it is.
+
+    Example::
+
+        elbo = SyncFreeTrace_ELBO()
+        loss = elbo.differentiable_loss(model, guide, x)  # a 0-dim tensor on x's device
+        loss.backward()
+    """
+
+    def _particle(self, model_trace, guide_trace) -> tuple[torch.Tensor, torch.Tensor]:
+        """(elbo, surrogate elbo) of one particle: Pyro's ``_differentiable_loss_particle`` without ``torch_item``."""
+        elbo = surrogate = 0.0
+        log_r = None
+        for site in model_trace.nodes.values():
+            if site["type"] == "sample":
+                elbo = elbo + site["log_prob_sum"]
+                surrogate = surrogate + site["log_prob_sum"]
+        for site in guide_trace.nodes.values():
+            if site["type"] == "sample":
+                _, score_function_term, entropy_term = site["score_parts"]
+                elbo = elbo - site["log_prob_sum"]
+                if not is_identically_zero(entropy_term):
+                    surrogate = surrogate - entropy_term.sum()
+                if not is_identically_zero(score_function_term):
+                    if log_r is None:
+                        log_r = _compute_log_r(model_trace, guide_trace)
+                    surrogate = surrogate + (log_r.sum_to(site["cond_indep_stack"]) * score_function_term).sum()
+        return elbo, surrogate
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        elbo = surrogate = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            e, s = self._particle(model_trace, guide_trace)
+            elbo = elbo + e / self.num_particles
+            surrogate = surrogate + s / self.num_particles
+        if not torch.is_tensor(surrogate):  # a pair without sample sites
+            return torch.as_tensor(-elbo)
+        # the value of -elbo, the gradient of -surrogate (they differ only for score-function sites)
+        return -(elbo.detach() + (surrogate - surrogate.detach()))
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if loss.requires_grad:
+            loss.backward(retain_graph=self.retain_graph)
+        return loss.item()
 
 
 def _rws(num_particles: int) -> ReweightedWakeSleep:
@@ -27,7 +89,7 @@ def _rws(num_particles: int) -> ReweightedWakeSleep:
 #: loss names accepted by :func:`vi_lab.fit`, each made from the number of particles; any
 #: ``pyro.infer.ELBO`` instance, or a callable ``loss(model, guide, *args) -> tensor``, is accepted too
 LOSSES: dict[str, Callable[[int], Callable]] = {
-    "trace": lambda n: Trace_ELBO(num_particles=n, vectorize_particles=n > 1),
+    "trace": lambda n: SyncFreeTrace_ELBO(num_particles=n, vectorize_particles=n > 1),
     "meanfield": lambda n: TraceMeanField_ELBO(num_particles=n, vectorize_particles=n > 1),
     "tracegraph": lambda n: TraceGraph_ELBO(num_particles=n, vectorize_particles=n > 1),
     # classic wake-sleep: one wake draw, the guide learns from dreams only
@@ -60,8 +122,11 @@ def training_objective(fn: Callable, site_scales: dict[str, float] | None = None
     scales = dict(site_scales or {})
 
     def wrapped(x, *args, **kwargs):
-        with poutine.scale(scale=1.0 / x.shape[0]), _SiteScale(scales):
-            return fn(x, *args, **kwargs)
+        with poutine.scale(scale=1.0 / x.shape[0]):
+            if not scales:  # one handler fewer for every site of every step
+                return fn(x, *args, **kwargs)
+            with _SiteScale(scales):
+                return fn(x, *args, **kwargs)
 
     return wrapped
 

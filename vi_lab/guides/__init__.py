@@ -65,7 +65,8 @@ def _lookup(name: str) -> type[AmortizedGuide]:
 
 
 def make_guide(
-    name: str,
+    family: str,
+    /,
     *,
     latent_dim: int,
     hidden: int | Sequence[int] = (400,),
@@ -73,9 +74,9 @@ def make_guide(
     x_dim: int = 784,
     **family_kwargs,
 ) -> AmortizedGuide:
-    """Build an amortized guide of family ``name`` with a fresh encoder trunk.
+    """Build an amortized guide of family ``family`` with a fresh encoder trunk.
 
-    :param name: a key of :data:`GUIDES`.
+    :param family: a key of :data:`GUIDES` (positional: ``name=`` is the guide's param-store prefix).
     :param latent_dim: size of z.
     :param hidden: encoder hidden widths; the last is the feature size the heads read.
     :param arch: ``"mlp"`` or ``"conv"``.
@@ -89,12 +90,12 @@ def make_guide(
         guide = make_guide("iaf", latent_dim=20, hidden=[400], flow_steps=2)
         q = guide.get_posterior(torch.rand(8, 784))  # batch (8,), event (20,)
     """
-    cls = _lookup(name)
-    allowed = guide_options(name) + COMMON_OPTIONS
+    cls = _lookup(family)
+    allowed = guide_options(family) + COMMON_OPTIONS
     unknown = sorted(set(family_kwargs) - set(allowed))
     if unknown:
-        takes = ", ".join(guide_options(name)) or "no family options"
-        raise ValueError(f"guide {name!r} does not take {', '.join(unknown)}; it takes {takes} "
+        takes = ", ".join(guide_options(family)) or "no family options"
+        raise ValueError(f"guide {family!r} does not take {', '.join(unknown)}; it takes {takes} "
                          f"(and {', '.join(COMMON_OPTIONS)})")
     return cls(make_encoder(arch, x_dim, hidden), latent_dim, **family_kwargs)
 

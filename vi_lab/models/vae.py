@@ -70,8 +70,8 @@ class VAE(nn.Module):
 
     def prior(self, x: torch.Tensor) -> dist.TorchDistribution:
         """p(z) for a batch shaped like ``x``: batch shape ``(B,)``, event ``(D,)``."""
-        zero = x.new_zeros(())
-        return dist.Normal(zero, 1.0).expand([x.shape[0], self.latent_dim]).to_event(1)
+        # 0 and 1 made on x's device from no Python number: nothing to copy mid-step (CUDA graphs)
+        return dist.Normal(x.new_zeros(()), x.new_ones(())).expand([x.shape[0], self.latent_dim]).to_event(1)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         pyro.module(self.name, self)
