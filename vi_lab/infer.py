@@ -14,7 +14,7 @@ from typing import Any, Callable
 import pyro
 import pyro.optim
 import torch
-from pyro.infer import SVI, ELBO, TraceEnum_ELBO
+from pyro.infer import ELBO, TraceEnum_ELBO
 from pyro.infer.autoguide import AutoGuide
 from tqdm.auto import tqdm
 
@@ -25,6 +25,9 @@ from vi_lab.data import BINARIZATIONS, DeviceBatches, binarize as binarize_fn, c
 from vi_lab.device import resolve_device
 from vi_lab.estimators import Estimator, prepare as prepare_estimator
 from vi_lab.objectives import LOSSES, make_loss, training_objective  # noqa: F401 (re-exported: vi_lab.infer.LOSSES)
+from vi_lab.optim import Adam
+from vi_lab.capture import CaptureRun
+from vi_lab.step import TrainStep, make_optimizer
 
 CHECKPOINT_NAME = "last.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -69,12 +72,14 @@ class FitResult:
     :ivar device: where training ran.
     :ivar checkpoint: path of the last checkpoint, if any.
     :ivar metrics_path: the JSON-lines file of per-epoch metrics, if any.
+    :ivar captured_steps: steps replayed from a CUDA graph (``capture=True``); 0 when eager.
     """
 
     history: list[dict[str, Any]] = field(default_factory=list)
     device: str = "cpu"
     checkpoint: Path | None = None
     metrics_path: Path | None = None
+    captured_steps: int = 0
 
     @property
     def train_elbo(self) -> float:
@@ -148,13 +153,16 @@ def _check_settings(saved: dict[str, Any] | None, now: dict[str, Any], path: Pat
         f"examples); lr and epochs may change on resume.")
 
 
-def _apply_current_hyperparameters(optim: pyro.optim.PyroOptim, saved: dict[str, Any]) -> None:
+def _apply_current_hyperparameters(optim: pyro.optim.PyroOptim | Adam, saved: dict[str, Any]) -> None:
     """Put the optimizer arguments given now (lr, ...) into restored optimizer states.
 
     Pyro's ``set_state`` restores each parameter's torch state dict, hyperparameters included,
     so without this a resumed run would keep the lr it was started with whatever it is told.
     Learning-rate schedulers keep their own state (their schedule decides the lr).
+    :class:`vi_lab.optim.Adam` keeps the settings given now by itself.
     """
+    if isinstance(optim, Adam):
+        return
     store = pyro.get_param_store()
     for name, state in saved.items():
         if "param_groups" not in state or name not in store._params:
@@ -184,7 +192,7 @@ def _state(model, guide, optim, epoch: int, history: list, settings: dict[str, A
     }
 
 
-def _restore(state: dict[str, Any], model, guide, optim, svi: SVI, first_args: tuple, path: Path) -> None:
+def _restore(state: dict[str, Any], model, guide, optim, step: TrainStep, first_args: tuple, path: Path) -> None:
     for label, obj in (("model", model), ("guide", guide)):
         if state.get(label) is not None and isinstance(obj, torch.nn.Module):
             try:
@@ -195,8 +203,7 @@ def _restore(state: dict[str, Any], model, guide, optim, svi: SVI, first_args: t
     # baselines) under its own tensor; the saved values are then copied *into* those
     # tensors, so modules hidden in plain functions stay tied to what the optimizer steps.
     pyro.clear_param_store()
-    with torch.no_grad():
-        svi.evaluate_loss(*first_args)
+    step.evaluate(*first_args)
     store = pyro.get_param_store()
     saved = state["param_store"]
     for name, value in saved["params"].items():
@@ -212,8 +219,8 @@ def _restore(state: dict[str, Any], model, guide, optim, svi: SVI, first_args: t
     ckpt.set_rng_state(state["rng"])  # last: the registering evaluation drew random numbers
 
 
-def adam(lr: float = 1e-3, **module_lrs: float) -> pyro.optim.PyroOptim:
-    """Pyro's Adam with one learning rate per network, for :func:`fit`'s ``optimizer``.
+def adam(lr: float = 1e-3, **module_lrs: float) -> Adam:
+    """Adam with one learning rate per network, for :func:`fit`'s ``optimizer``.
 
     Wake-sleep trains the generator and the recognition network at their own paces; both
     step in the one optimizer, each parameter with the learning rate of the network it is
@@ -222,24 +229,15 @@ def adam(lr: float = 1e-3, **module_lrs: float) -> pyro.optim.PyroOptim:
 
     :param lr: learning rate of every parameter not named in ``module_lrs``.
     :param module_lrs: ``name=lr`` for the networks that differ.
-    :returns: a ``pyro.optim.Adam``.
+    :returns: a :class:`vi_lab.optim.Adam` (one torch Adam over all parameters, fused where
+        torch has the kernel; its state reads and writes in ``pyro.optim``'s format).
 
     Example::
 
         fit(model, guide, x, loss="wake_sleep", optimizer=adam(1e-3, guide=3e-3))
     """
-    for name, value in (("lr", lr), *module_lrs.items()):
-        if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
-            raise ValueError(f"learning rate {name} must be a finite number >= 0, got {value!r}")
-    if not module_lrs:
-        return pyro.optim.Adam({"lr": lr})
-
-    def args(param_name: str) -> dict[str, float]:  # "guide.encoder.0.weight"
-        return {"lr": module_lrs.get(param_name.split(".", 1)[0], lr)}
-
-    optim = pyro.optim.Adam(args)
-    optim.module_lrs = dict(module_lrs)  # fit checks each name against the networks the pair registers
-    return optim
+    # fit checks each name in module_lrs against the networks the pair registers
+    return Adam(lr, module_lrs=module_lrs)
 
 
 @dataclass
@@ -252,7 +250,7 @@ class _OwnLoss:
 
 
 def _objective(guide, loss, estimator, baseline, num_particles: int, x_dim: int, dev, seed: int):
-    """The guide SVI runs and the objective: an estimator made concrete for an ELBO, else the loss itself."""
+    """The guide the step runs and the objective: an estimator made concrete for an ELBO, else the loss itself."""
     resolved = make_loss(loss, num_particles) if isinstance(loss, str) else loss
     if isinstance(resolved, ELBO):
         # one lookup in vi_lab.estimators.ESTIMATORS: the Pyro objective and the guide it runs
@@ -265,6 +263,26 @@ def _objective(guide, loss, estimator, baseline, num_particles: int, x_dim: int,
         raise ValueError(f"loss {_loss_label(loss)} computes its own gradients: estimator={estimator!r} and "
                          f"baseline={baseline!r} apply to ELBO losses only; leave them at their defaults")
     return _OwnLoss(guide, resolved)
+
+
+def training_step(model: Callable, guide: Callable, *, loss: str | ELBO | Callable = "trace",
+                  estimator: str | Estimator = "reparam", baseline: str | None = None, lr: float = 1e-3,
+                  optimizer: Any = None, num_particles: int = 1, x_dim: int | None = None,
+                  device: torch.device | str | None = None, seed: int = 0) -> TrainStep:
+    """The training step :func:`fit` runs for these settings (same arguments as fit's).
+
+    ``benchmarks/step_time.py`` times this object against a hand-written PyTorch step.
+    The estimator made concrete for the guide is kept as ``step.estimator``.
+
+    Example::
+
+        step = training_step(model, guide, lr=1e-3, x_dim=784)
+        loss = step(x_batch)  # a 0-dim tensor: the batch's -ELBO per datapoint, after one update
+    """
+    est = _objective(guide, loss, estimator, baseline, num_particles, x_dim, device, seed)
+    step = TrainStep(model, est.guide, est.loss, make_optimizer(lr, optimizer), getattr(model, "site_scales", None))
+    step.estimator = est
+    return step
 
 
 def _loss_label(loss: Any) -> str:
@@ -378,15 +396,17 @@ def fit(
     eval_data: Any = None,
     eval_samples: int = 1,
     num_particles: int = 1,
-    optimizer: pyro.optim.PyroOptim | None = None,
+    optimizer: Adam | pyro.optim.PyroOptim | None = None,
     metrics_path: str | Path | None = None,
     record_at: Any = None,
+    capture: bool = False,
 ) -> FitResult:
     """Train a model/guide pair: vi_lab's one training loop.
 
     Minibatches are index slices of a device-side permutation of ``data``; each step
-    runs Pyro's ``SVI.step`` on the per-datapoint objective (see
-    :func:`vi_lab.objectives.training_objective`). The objective is an ELBO with any
+    (:class:`vi_lab.step.TrainStep`) differentiates the per-datapoint objective (see
+    :func:`vi_lab.objectives.training_objective`) and steps one Adam over all parameters;
+    Pyro's validation checks run on the first step only. The objective is an ELBO with any
     gradient estimator, or a loss that takes its own gradients (wake-sleep); models
     without latent variables (an autoencoder's reconstruction, a classifier) train by
     maximum likelihood with an empty guide through the same loop. After every epoch the
@@ -436,7 +456,8 @@ def fit(
     :param eval_data: held-out data; its ELBO (true ELBO, ``eval_samples`` draws) is
         recorded as ``test_elbo`` with every record.
     :param num_particles: ELBO particles per step (vectorized); wake particles for ``"rws"``.
-    :param optimizer: a Pyro optimizer instead of ``Adam(lr)``.
+    :param optimizer: a :class:`vi_lab.optim.Adam` (:func:`adam`) or any ``pyro.optim``
+        optimizer (``ClippedAdam``, a learning-rate scheduler, ...), stepped as SVI does.
     :param metrics_path: JSON-lines file (default ``checkpoint_dir/metrics.jsonl``).
     :param record_at: numbers of training samples seen at which to record a history entry
         (e.g. log-spaced, for learning curves by samples seen); default: the end of every
@@ -444,6 +465,15 @@ def fit(
         the averages since the last record, so a resumed run records what an uninterrupted one
         would; the end-of-training record of a run later resumed for more epochs stays in its
         history.
+    :param capture: on a GPU, record one whole training step (forward, backward, Adam) as a
+        CUDA graph after a validated first step, an audited second step
+        (:class:`vi_lab.capture.SyncAudit`) and three warm-up steps, then replay it for every
+        batch of the same shape: Python runs once, not every step; random draws are fresh at
+        every replay; a ragged last batch runs eagerly on the same parameters. Losses are read
+        back once per record instead of per step. Where capture cannot apply (another loss or
+        estimator than ``trace`` with ``reparam``/``reinforce``/``relaxed``, a ``pyro.optim``
+        optimizer, a pair that reads values back, no GPU) one :class:`vi_lab.capture.CaptureUnavailable`
+        warning says why and training runs eagerly. See :mod:`vi_lab.capture`.
     :returns: :class:`FitResult`; each history entry holds ``epoch``, ``samples_seen``,
         ``train_elbo`` (nats per datapoint, averaged since the previous entry), the loss's
         other terms (``model_loss``, ``guide_loss`` for wake-sleep), ``seconds``,
@@ -475,7 +505,10 @@ def fit(
         raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
     d = _prepare_data(model, guide, data, eval_data, device, binarize, seed)
     x, extra, transform = d.x, d.extra, d.transform
-    est = _objective(guide, loss, estimator, baseline, num_particles, x[0].numel(), d.device, seed)
+    train_step = training_step(model, guide, loss=loss, estimator=estimator, baseline=baseline, lr=lr,
+                               optimizer=optimizer, num_particles=num_particles, x_dim=x[0].numel(),
+                               device=d.device, seed=seed)
+    est, optim = train_step.estimator, train_step.optim
     own_loss = isinstance(est, _OwnLoss)
     if own_loss and getattr(model, "site_scales", None):
         raise ValueError(f"loss {_loss_label(loss)} has no KL term to weight: site scales {model.site_scales} "
@@ -513,18 +546,18 @@ def fit(
     settings = _settings(_loss_label(loss), label, baseline, num_particles, batch_size, binarize, x)
     settings.update(lr=lr if optimizer is None else None, seed=seed)  # recorded, free to change on resume
 
-    optim = optimizer if optimizer is not None else pyro.optim.Adam({"lr": lr})
-    scales = getattr(model, "site_scales", None)
-    svi = SVI(training_objective(model, scales), training_objective(est.guide, scales), optim, est.loss)
 
     start_epoch, history, partial = _begin(resume, ckpt_path, metrics_path, door, settings, model, guide, optim,
-                                           svi, seed)
+                                           train_step, seed)
     if ckpt_path is not None:
         ckpt.remove_temporaries(ckpt_path)  # left by a process killed mid-write
 
     modules = _modules(model, guide)
     for m in modules:
-        m.zero_grad(set_to_none=True)  # SVI adds to .grad: stale gradients would bend the first step
+        m.zero_grad(set_to_none=True)  # stale gradients would bend the first step
+    runner = CaptureRun(train_step, d.device) if capture else None
+    run_step = runner if runner is not None else train_step
+    unread: list[tuple[torch.Tensor, int, tuple]] = []  # captured steps' losses, not read back yet
     reference = None  # the loss of the run's first steps, to recognise an explosion
     seen = start_epoch * per_epoch
     next_mark = 0 if marks is None else sum(m <= seen for m in marks)
@@ -565,17 +598,24 @@ def fit(
         bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", disable=progress is not True, leave=False)
         for step, batch in enumerate(bar, start=1):
             args = batch if isinstance(batch, tuple) else (batch,)
-            terms = _step(svi, est.loss, args, model, guide, (epoch, step, len(batches), ckpt_path))
+            where = (epoch, step, len(batches), ckpt_path)
             n = args[0].shape[0]
             seen += n
-            tally.add(terms, n)
-            if reference is None:  # the loss before this run's first update
-                reference = -terms["train_elbo"]
-            bar.set_postfix(elbo=f"{tally.sums['train_elbo'] / tally.n:.2f}")
+            value = _step(run_step, args, model, guide, where)
+            if runner is not None and runner.captured is not None:
+                unread.append((value.clone(), n, where))  # read back in bulk: a replay waits for nothing
+            else:
+                terms = _terms(train_step, float(value), where)
+                tally.add(terms, n)
+                if reference is None:  # the loss before this run's first update
+                    reference = -terms["train_elbo"]
+                bar.set_postfix(elbo=f"{tally.sums['train_elbo'] / tally.n:.2f}")
             if marks is not None and next_mark < len(marks) and seen >= marks[next_mark]:
+                _read_back(unread, tally, bar)
                 record(epoch)
                 while next_mark < len(marks) and marks[next_mark] <= seen:
                     next_mark += 1
+        _read_back(unread, tally, bar)
         if _non_finite(model, guide, store=True):
             raise TrainingDiverged("a parameter became NaN or infinite", epoch, len(batches), len(batches),
                                    ckpt_path)
@@ -586,11 +626,12 @@ def fit(
     for m in modules:
         m.eval()
     written = ckpt_path if ckpt_path is not None and ckpt_path.is_file() else None  # none after 0 epochs
-    return FitResult(history=history, device=str(d.device), checkpoint=written, metrics_path=metrics_path)
+    return FitResult(history=history, device=str(d.device), checkpoint=written, metrics_path=metrics_path,
+                     captured_steps=runner.captured.replays if runner is not None and runner.captured else 0)
 
 
 def _begin(resume, ckpt_path: Path | None, metrics_path: Path | None, door: Callable[[], tuple],
-           settings: dict[str, Any], model, guide, optim, svi: SVI,
+           settings: dict[str, Any], model, guide, optim, train_step: TrainStep,
            seed: int) -> tuple[int, list[dict[str, Any]], dict[str, Any] | None]:
     """Start a run: restore a checkpoint (``resume``) or seed a fresh one; the contract is checked
     either way (``door``). Returns the epoch reached, the history so far and, with ``record_at``,
@@ -604,7 +645,7 @@ def _begin(resume, ckpt_path: Path | None, metrics_path: Path | None, door: Call
         first = door()  # its draws come before the RNG state restored below
         state = ckpt.load(path, map_location="cpu")
         _check_settings(state.get("settings"), settings, path)
-        _restore(state, model, guide, optim, svi, first, path)
+        _restore(state, model, guide, optim, train_step, first, path)
         history = list(state["history"])
         if metrics_path is not None:
             # a crash between the checkpoint and the metrics line, or after a line of an epoch
@@ -641,17 +682,35 @@ def _check_module_lrs(optim: Any) -> None:
                          f"their networks as {', '.join(names) or 'nothing (no pyro.module)'}; use those names")
 
 
-def _step(svi: SVI, loss: Any, args: tuple, model, guide, where: tuple) -> dict[str, float]:
-    """One SVI step; returns its monitored terms (``train_elbo``, and the loss's own ``terms``)."""
+def _step(run_step: Callable[..., torch.Tensor], args: tuple, model, guide, where: tuple) -> torch.Tensor:
+    """One training step; returns its loss as a tensor (a ValueError of divergence becomes TrainingDiverged)."""
     epoch, step, steps, ckpt_path = where
     try:
-        step_loss = svi.step(*args)
+        return run_step(*args)
     except ValueError as err:
         reason = _divergence(err, model, guide, trained=epoch > 1 or step > 1)
         if reason is None:
             raise
         raise TrainingDiverged(reason, epoch, step, steps, ckpt_path) from err
-    terms = dict(getattr(loss, "terms", None) or {})
+
+
+def _read_back(unread: list[tuple[torch.Tensor, int, tuple]], tally: _Tally, bar) -> None:
+    """Read captured steps' losses back in one transfer, check them and add them to the tally."""
+    if not unread:
+        return
+    values = torch.stack([u[0] for u in unread]).tolist()
+    for value, (_, n, where) in zip(values, unread):
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"the loss became {value}", *where, loss=value)
+        tally.add({"train_elbo": -value}, n)
+    unread.clear()
+    bar.set_postfix(elbo=f"{tally.sums['train_elbo'] / tally.n:.2f}")
+
+
+def _terms(train_step: TrainStep, step_loss: float, where: tuple) -> dict[str, float]:
+    """A step's monitored terms (``train_elbo``, and the loss's own ``terms``), checked to be finite."""
+    epoch, step, steps, ckpt_path = where
+    terms = dict(getattr(train_step.loss, "terms", None) or {})
     # the loss's own terms name the culprit (the model or the guide loss), then its ELBO estimate
     named = [(k.replace("_", " "), v) for k, v in terms.items() if k != "train_elbo"]
     named += [("training ELBO", terms["train_elbo"])] if "train_elbo" in terms else []

@@ -147,8 +147,8 @@ CONFIG_NAME = "config.json"
 RUN_FILES = ("last.pt", "metrics.jsonl", "metrics.json", CONFIG_NAME)
 
 #: options a resumed run may change; any other that differs from the run's config.json is refused
-RESUMABLE = frozenset({"epochs", "lr", "resume", "out", "overwrite", "progress", "threads", "device", "eval_size",
-                       "eval_samples", "data_dir"})
+RESUMABLE = frozenset({"epochs", "lr", "resume", "out", "overwrite", "progress", "threads", "device", "capture",
+                       "eval_size", "eval_samples", "data_dir"})
 
 
 def resumed_dir(resume: str | None) -> Path | None:

@@ -51,6 +51,7 @@ class Config(runs.CommonConfig):
     baseline: str | None = None  # reinforce_baseline: decaying_avg (default) or nn
     batch_size: int = 128
     lr: float = 1e-3
+    capture: bool = False  # replay each training step from a CUDA graph (fit(capture=True))
     resume: str | None = None
 
 
@@ -82,6 +83,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Config
                    help="baseline of reinforce_baseline (default decaying_avg)")
     p.add_argument("--batch-size", type=int, default=Config.batch_size)
     p.add_argument("--lr", type=float, default=Config.lr)
+    p.add_argument("--capture", action="store_true",
+                   help="on a GPU, record one training step as a CUDA graph and replay it (falls back to eager "
+                        "with a warning where it cannot apply)")
     p.add_argument("--resume", default=None, help="a run directory (or its last.pt) to continue")
     a = p.parse_args(argv)
     kw = vars(a)
@@ -125,10 +129,11 @@ def main(cfg: Config) -> dict:
     model, guide = build(cfg, x_train.shape[1])
 
     result = vi_lab.fit(
-        model, guide, x_train, loss=cfg.loss, num_particles=cfg.num_particles, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-        estimator=cfg.estimator, baseline=cfg.baseline,
+        model, guide, x_train, loss=cfg.loss, num_particles=cfg.num_particles, epochs=cfg.epochs,
+        batch_size=cfg.batch_size, lr=cfg.lr, estimator=cfg.estimator, baseline=cfg.baseline,
         device=device, seed=cfg.seed, checkpoint_dir=out, resume=_resume_path(cfg) if cfg.resume else False,
         progress=runs.fit_progress(cfg.progress), binarize=data.fit_binarize, eval_data=x_test,
+        capture=cfg.capture,
     )
 
     print(f"evaluating {len(x_test)} test images: ELBO, and log p(x) with K={cfg.eval_samples} importance "
@@ -152,6 +157,7 @@ def main(cfg: Config) -> dict:
         "eval_seconds": eval_seconds,
         "epochs": len(result.history),
         "seconds_per_epoch": result.seconds_per_epoch,
+        "captured_steps": result.captured_steps,
         "train_size": len(x_train),
         "binarization": mode,
         **runs.data_record(data),
