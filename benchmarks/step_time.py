@@ -1,20 +1,27 @@
-"""How much does vi_lab's Pyro machinery cost over a hand-written PyTorch VAE step?
+"""How much does vi_lab's training step cost over a hand-written PyTorch VAE step?
 
 In one process, alternately times blocks of
 
-* a vi_lab SVI step (VAE + mean-field guide, Trace_ELBO, pyro.optim.Adam), and
-* a plain-PyTorch VAE step with the same architecture and the same estimator
-  (784-400-20 MLP, Bernoulli likelihood, single-sample Monte Carlo KL, torch.optim.Adam),
+* ``vi_lab``: the step :func:`vi_lab.fit` runs (``vi_lab.infer.training_step``: VAE +
+  mean-field guide, the default loss and estimator, vi_lab's Adam),
+* ``pytorch``: the textbook PyTorch VAE step (as in pytorch/examples) with the same
+  architecture and the same estimator (784-400-20 MLP, Bernoulli likelihood,
+  single-sample Monte Carlo KL, ``torch.optim.Adam`` with its defaults),
+* ``pytorch_fused``: the same hand-written step with ``torch.optim.Adam(fused=True)``,
+  the fastest hand-written step torch offers without compilation,
+* ``svi``: what fit ran before issue 13: ``pyro.infer.SVI`` with ``Trace_ELBO`` and
+  ``pyro.optim.Adam`` (one torch optimizer per parameter tensor),
 
-both on the same MNIST batches of 128, and prints the median ratio vi_lab / PyTorch.
-Then times one epoch of vi_lab's device-resident batching (index slices of a
-device permutation, dynamic binarization) against a torchvision ``MNIST`` dataset
-with per-item ``ToTensor`` behind a ``DataLoader``.
+all on the same MNIST batches of 128, each step ending with the loss read as a Python
+number (as fit and the textbook loop do), and prints each one's median time and its median
+ratio to the textbook step. Then times one epoch of vi_lab's device-resident batching
+(index slices of a device permutation, dynamic binarization) against a torchvision
+``MNIST`` dataset with per-item ``ToTensor`` behind a ``DataLoader``.
 
 Usage::
 
-    python benchmarks/step_time.py --threads 2 --rounds 30 --out benchmarks/results/step_time.json
-    python benchmarks/step_time.py --device cuda --rounds 30    # on a GPU: both steps there
+    python benchmarks/step_time.py --threads 1 --rounds 30 --out benchmarks/results/step_time_cpu.json
+    python benchmarks/step_time.py --device cuda --rounds 30    # on a GPU: every step there
 """
 
 from __future__ import annotations
@@ -37,7 +44,9 @@ from torch import nn
 
 import vi_lab
 from vi_lab.data import DeviceBatches, binarize, load_dataset
-from vi_lab.infer import training_objective
+from vi_lab.guides.mean_field import MeanFieldGuide
+from vi_lab.infer import training_objective, training_step
+from vi_lab.nets import make_encoder
 
 
 class PlainVAE(nn.Module):
@@ -53,50 +62,123 @@ class PlainVAE(nn.Module):
         h = self.enc(x)
         q = torch.distributions.Normal(self.loc(h), nn.functional.softplus(self.raw_scale(h)) + 1e-4)
         z = q.rsample()
-        p = torch.distributions.Normal(torch.zeros_like(z), 1.0)
+        p = torch.distributions.Normal(torch.zeros_like(z), torch.ones_like(z))
         log_lik = -nn.functional.binary_cross_entropy_with_logits(self.dec(z), x, reduction="none").sum(-1)
         return -(log_lik + p.log_prob(z).sum(-1) - q.log_prob(z).sum(-1)).mean()
 
 
-def time_steps(x: torch.Tensor, batch: int, rounds: int, block: int) -> dict:
-    """Alternating blocks of both steps on ``x``'s device (synchronized there before each clock read)."""
-    pyro.clear_param_store()
-    device = x.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    model = vi_lab.VAE(20, [400]).to(device)
-    guide = vi_lab.make_guide("mean_field", latent_dim=20, hidden=[400]).to(device)
-    svi = SVI(training_objective(model), training_objective(guide), pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+def plain_step(fused: bool, device: torch.device):
     plain = PlainVAE().to(device)
-    opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(plain.parameters(), lr=1e-3, **({"fused": True} if fused else {}))
 
-    def plain_step(xb):
+    def step(xb):
         opt.zero_grad()
         loss = plain.loss(xb)
         loss.backward()
         opt.step()
         return loss.item()
 
+    return step
+
+
+def make_steps(device: torch.device) -> dict:
+    """The steps compared, each a function of a batch returning the loss as a float."""
+    pyro.clear_param_store()
+    model = vi_lab.VAE(20, [400]).to(device)
+    guide = vi_lab.make_guide("mean_field", latent_dim=20, hidden=[400]).to(device)
+    vi = training_step(model, guide, lr=1e-3, x_dim=784)
+    # the path before issue 13, on its own copy of the networks (param-store names "old_*")
+    old_model = vi_lab.VAE(20, [400], name="old_model").to(device)
+    old_guide = MeanFieldGuide(make_encoder("mlp", 784, [400]), 20, name="old_guide").to(device)
+    svi = SVI(training_objective(old_model), training_objective(old_guide), pyro.optim.Adam({"lr": 1e-3}),
+              Trace_ELBO())
+    steps = {"vi_lab": lambda xb: float(vi(xb)), "pytorch": plain_step(False, device),
+             "pytorch_fused": plain_step(True, device), "svi": svi.step}
+    if device.type == "cuda":
+        steps["vi_lab_captured"] = vi_lab_captured(device)
+        steps["pytorch_captured"] = plain_captured(device)
+    return steps
+
+
+def vi_lab_captured(device: torch.device):
+    """fit(capture=True)'s step: a CaptureRun over the training step; losses kept on the device, unread."""
+    from vi_lab.capture import CaptureRun
+
+    model = vi_lab.VAE(20, [400], name="cap_model").to(device)
+    guide = MeanFieldGuide(make_encoder("mlp", 784, [400]), 20, name="cap_guide").to(device)
+    run = CaptureRun(training_step(model, guide, lr=1e-3, x_dim=784), device)
+    losses = []
+
+    def step(xb):
+        losses.append(run(xb).clone())
+        del losses[:-100]
+
+    step.run = run
+    return step
+
+
+def plain_captured(device: torch.device):
+    """The floor: the hand-written step captured whole (forward, backward, capturable fused Adam)."""
+    plain = PlainVAE().to(device)
+    opt = torch.optim.Adam(plain.parameters(), lr=1e-3, fused=True, capturable=True)
+    static, graph, out, losses = None, None, None, []
+
+    def eager(xb):
+        opt.zero_grad(set_to_none=True)
+        loss = plain.loss(xb)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    def step(xb):
+        nonlocal static, graph, out
+        if graph is None:
+            static = xb.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    eager(static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = eager(static)
+        static.copy_(xb)
+        graph.replay()
+        losses.append(out.clone())
+        del losses[:-100]
+
+    return step
+
+
+def time_steps(x: torch.Tensor, batch: int, rounds: int, block: int) -> dict:
+    """Alternating blocks of every step on ``x``'s device (synchronized there before each clock read)."""
+    device = x.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    steps = make_steps(device)
     batches = [x[i:i + batch] for i in range(0, block * batch, batch)]
-    for xb in batches:  # warm-up: lazy optimizer creation, allocator
-        svi.step(xb)
-        plain_step(xb)
-    vi, pt = [], []
+    for step in steps.values():  # warm-up: the validated first step, optimizer state, allocator
+        for xb in batches:
+            step(xb)
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
-        sync()
-        t0 = time.perf_counter()
-        for xb in batches:
-            svi.step(xb)
-        sync()
-        t1 = time.perf_counter()
-        for xb in batches:
-            plain_step(xb)
-        sync()
-        t2 = time.perf_counter()
-        vi.append((t1 - t0) / block)
-        pt.append((t2 - t1) / block)
-    ratios = [a / b for a, b in zip(vi, pt)]
-    return {"vi_lab_step_ms": 1e3 * statistics.median(vi), "pytorch_step_ms": 1e3 * statistics.median(pt),
-            "median_ratio": statistics.median(ratios), "rounds": rounds, "steps_per_block": block}
+        for name, step in steps.items():
+            sync()
+            t0 = time.perf_counter()
+            for xb in batches:
+                step(xb)
+            sync()
+            times[name].append((time.perf_counter() - t0) / block)
+    out = {"rounds": rounds, "steps_per_block": block, "batch_size": batch}
+    if "vi_lab_captured" in steps:
+        run = steps["vi_lab_captured"].run
+        out["vi_lab_captured_replays"] = run.captured.replays if run.captured is not None else 0
+        out["vi_lab_capture_problem"] = run.problem
+    for name, ts in times.items():
+        out[name] = {"step_ms": 1e3 * statistics.median(ts),
+                     "ratio_to_pytorch": statistics.median(a / b for a, b in zip(ts, times["pytorch"])),
+                     "ratio_to_pytorch_fused": statistics.median(a / b for a, b in zip(ts, times["pytorch_fused"]))}
+    return out
 
 
 def time_batching(images: torch.Tensor, source_dir: Path, batch: int) -> dict:
@@ -155,8 +237,11 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/step_time.py " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)}
     print(json.dumps(result, indent=2))
-    print(f"\nSVI step: vi_lab {steps['vi_lab_step_ms']:.2f} ms, plain PyTorch {steps['pytorch_step_ms']:.2f} ms, "
-          f"median ratio vi_lab/PyTorch = {steps['median_ratio']:.2f}")
+    print(f"\n{'step':<15}{'ms/step':>9}{'/ pytorch':>11}{'/ pytorch_fused':>17}")
+    for name in [k for k in ("vi_lab", "pytorch", "pytorch_fused", "svi", "vi_lab_captured", "pytorch_captured")
+                 if k in steps]:
+        r = steps[name]
+        print(f"{name:<15}{r['step_ms']:>9.2f}{r['ratio_to_pytorch']:>11.3f}{r['ratio_to_pytorch_fused']:>17.3f}")
     print(f"one epoch of batches: DeviceBatches {batching['device_batches_epoch_s']:.3f} s, "
           f"torchvision DataLoader+ToTensor {batching['dataloader_epoch_s']:.2f} s ({batching['speedup']:.0f}x)")
     if args.out:
