@@ -21,7 +21,8 @@ ratio to the textbook step. Then times one epoch of vi_lab's device-resident bat
 Usage::
 
     python benchmarks/step_time.py --threads 1 --rounds 30 --out benchmarks/results/step_time_cpu.json
-    python benchmarks/step_time.py --device cuda --rounds 30    # on a GPU: every step there
+    python benchmarks/step_time.py --threads 1 --rounds 20 --ablation    # each change of fit's step undone in turn
+    python benchmarks/step_time.py --device cuda --rounds 30    # on a GPU: every step there, and the captured ones
 """
 
 from __future__ import annotations
@@ -81,8 +82,12 @@ def plain_step(fused: bool, device: torch.device):
     return step
 
 
-def make_steps(device: torch.device) -> dict:
-    """The steps compared, each a function of a batch returning the loss as a float."""
+def make_steps(device: torch.device, ablation: bool = False) -> dict:
+    """The steps compared, each a function of a batch returning the loss as a float.
+
+    With ``ablation``, three more: fit's step with one of its changes undone each
+    (``pyro.optim.Adam``; Pyro's ``Trace_ELBO``; validation on every step).
+    """
     pyro.clear_param_store()
     model = vi_lab.VAE(20, [400]).to(device)
     guide = vi_lab.make_guide("mean_field", latent_dim=20, hidden=[400]).to(device)
@@ -94,6 +99,23 @@ def make_steps(device: torch.device) -> dict:
               Trace_ELBO())
     steps = {"vi_lab": lambda xb: float(vi(xb)), "pytorch": plain_step(False, device),
              "pytorch_fused": plain_step(True, device), "svi": svi.step}
+    if ablation:
+        def variant(prefix, **kwargs):
+            m = vi_lab.VAE(20, [400], name=f"{prefix}_model").to(device)
+            g = MeanFieldGuide(make_encoder("mlp", 784, [400]), 20, name=f"{prefix}_guide").to(device)
+            return training_step(m, g, lr=1e-3, x_dim=784, **kwargs)
+
+        per_tensor = variant("a1", optimizer=pyro.optim.Adam({"lr": 1e-3}))
+        pyro_elbo = variant("a2", loss=Trace_ELBO())
+        validated = variant("a3")
+
+        def always_validated(xb):
+            validated.validate_next = True
+            return float(validated(xb))
+
+        steps.update({"with_pyro_optim": lambda xb: float(per_tensor(xb)),
+                      "with_pyro_trace_elbo": lambda xb: float(pyro_elbo(xb)),
+                      "validating_every_step": always_validated})
     if device.type == "cuda":
         steps["vi_lab_captured"] = vi_lab_captured(device)
         steps["pytorch_captured"] = plain_captured(device)
@@ -151,11 +173,11 @@ def plain_captured(device: torch.device):
     return step
 
 
-def time_steps(x: torch.Tensor, batch: int, rounds: int, block: int) -> dict:
+def time_steps(x: torch.Tensor, batch: int, rounds: int, block: int, ablation: bool = False) -> dict:
     """Alternating blocks of every step on ``x``'s device (synchronized there before each clock read)."""
     device = x.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    steps = make_steps(device)
+    steps = make_steps(device, ablation)
     batches = [x[i:i + batch] for i in range(0, block * batch, batch)]
     for step in steps.values():  # warm-up: the validated first step, optimizer state, allocator
         for xb in batches:
@@ -219,6 +241,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=30, help="alternating timing rounds")
     p.add_argument("--block", type=int, default=20, help="steps per timed block")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--ablation", action="store_true",
+                   help="also time fit's step with each of its changes undone in turn")
     p.add_argument("--device", default="cpu", help="where both steps run: cpu, cuda, ... (default %(default)s)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -228,7 +252,7 @@ def main() -> None:
     train = load_dataset("mnist", "train", data_dir=args.data_dir)
     device = torch.device(args.device)
     x = binarize(train.images[: args.block * args.batch_size], "static").to(device)
-    steps = time_steps(x, args.batch_size, args.rounds, args.block)
+    steps = time_steps(x, args.batch_size, args.rounds, args.block, args.ablation)
     source_dir = Path(train.source.split(" (")[0])
     batching = time_batching(train.images.to(device), source_dir, args.batch_size)
     result = {"steps": steps, "batching": batching, "threads": args.threads, "device": str(device),
@@ -237,11 +261,10 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/step_time.py " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)}
     print(json.dumps(result, indent=2))
-    print(f"\n{'step':<15}{'ms/step':>9}{'/ pytorch':>11}{'/ pytorch_fused':>17}")
-    for name in [k for k in ("vi_lab", "pytorch", "pytorch_fused", "svi", "vi_lab_captured", "pytorch_captured")
-                 if k in steps]:
+    print(f"\n{'step':<22}{'ms/step':>9}{'/ pytorch':>11}{'/ pytorch_fused':>17}")
+    for name in [k for k, v in steps.items() if isinstance(v, dict)]:
         r = steps[name]
-        print(f"{name:<15}{r['step_ms']:>9.2f}{r['ratio_to_pytorch']:>11.3f}{r['ratio_to_pytorch_fused']:>17.3f}")
+        print(f"{name:<22}{r['step_ms']:>9.2f}{r['ratio_to_pytorch']:>11.3f}{r['ratio_to_pytorch_fused']:>17.3f}")
     print(f"one epoch of batches: DeviceBatches {batching['device_batches_epoch_s']:.3f} s, "
           f"torchvision DataLoader+ToTensor {batching['dataloader_epoch_s']:.2f} s ({batching['speedup']:.0f}x)")
     if args.out:
