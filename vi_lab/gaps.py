@@ -199,7 +199,8 @@ class ProposalResult:
 
 @torch.no_grad()
 def score_proposal(model: Callable, guide: Callable, x: torch.Tensor, *args, num_samples: int = 5000,
-                   batch_size: int | None = None, progress: bool | str = False, **kwargs) -> ProposalResult:
+                   batch_size: int | None = None, progress: bool | str = False,
+                   memory_budget: int | str | None = None, **kwargs) -> ProposalResult:
     """ELBO, importance-sampled log p̂(x) and PSIS k-hat from the same K draws of one guide.
 
     The ELBO is the mean of the log weights, log p̂(x) their log-mean-exp; sharing the
@@ -209,11 +210,14 @@ def score_proposal(model: Callable, guide: Callable, x: torch.Tensor, *args, num
     :param guide: the proposal, amortized or local (a local guide gets its full batch).
     :param x: the N datapoints.
     :param num_samples: K draws per datapoint.
-    :param batch_size: datapoints per chunk of K draws (None: all at once, which a local guide needs).
+    :param batch_size: datapoints per chunk of draws (None: all at once, which a local guide needs;
+        either way the K draws are cut so that a chunk stays within the memory budget).
     :param progress: a progress bar over the chunks (its label, or True).
+    :param memory_budget: bytes of working memory per chunk, or a size such as ``"2GiB"``
+        (default: :func:`vi_lab.evaluate.chunk_budget`).
     :returns: :class:`ProposalResult` of ``(N,)`` tensors.
     """
-    lw = evaluate.log_weights(model, guide, x, *args, num_samples=num_samples,
+    lw = evaluate.log_weights(model, guide, x, *args, num_samples=num_samples, memory_budget=memory_budget,
                               batch_size=batch_size or max(1, x.shape[0]), progress=progress, **kwargs)  # (K, N)
     return ProposalResult(elbo=lw.mean(0), log_px=lw.logsumexp(0) - math.log(num_samples),
                           khat=pareto_khat(lw).to(lw.device))
