@@ -180,7 +180,7 @@ def train_all(name: str, family: Family, cfg: Config, data: runs.RunData, device
             history.append({**h, "step": h["epoch"] * steps_per_epoch, "elapsed": elapsed})
         with torch.no_grad():  # the ELBO and log p(x) of the same K draws per test image
             score = gaps.score_proposal(model, guide, data.x_test, num_samples=cfg.eval_samples,
-                                        batch_size=1000)  # chunked: memory K x 1000, whatever --eval-size
+                                        batch_size=1000)  # at most 1000 datapoints a chunk; the memory budget cuts K
         records.append({
             "estimator": est.label, "name": est.name, "unbiased": est.spec.unbiased,
             "final_test_elbo": score.elbo.mean().item(),
