@@ -214,9 +214,10 @@ RECORDERS: dict[str, Callable[[Callable], Callable]] = {"cuda": cuda_graph}
 class CaptureRun:
     """``fit(..., capture=True)``: the steps of a run, captured once they can be.
 
-    Step 1 runs eagerly with Pyro's validation; step 2 runs under :class:`SyncAudit`; steps
-    3 to ``2 + warmup`` run eagerly on a side stream (the warm-up a capture needs); the next
-    step is captured (:class:`CapturedStep`) and every later step of that shape replays it.
+    On a device without a recorder (:data:`RECORDERS`: CUDA) it says so at once and every step
+    runs eagerly. Otherwise step 1 runs eagerly with Pyro's validation; step 2 runs under
+    :class:`SyncAudit`; steps 3 to ``2 + warmup`` run eagerly on a side stream (the warm-up a
+    capture needs); the next step is captured (:class:`CapturedStep`) and every later step of that shape replays it.
     Where capture cannot apply (:func:`capture_problem`, a sync found by the audit, a device
     with no recorder, a capture that fails) it warns once (:class:`CaptureUnavailable`) and
     the run goes on eagerly. Once :attr:`captured` is set, the losses it returns are
@@ -233,9 +234,12 @@ class CaptureRun:
         self.calls = 0
         self.captured: CapturedStep | None = None
         self.problem = capture_problem(step)
+        if self.problem is None and self.device.type not in RECORDERS:
+            # said before training starts, not in the middle of its progress bar
+            self.problem = f"graph capture needs a CUDA device, and this run is on {self.device}"
         if self.problem is not None:
             self._give_up(self.problem)
-        elif self.device.type in RECORDERS:
+        else:
             step.optim.make_capturable()
 
     @property
@@ -259,15 +263,11 @@ class CaptureRun:
             except SyncError as err:
                 self._give_up(f"the step synchronizes with the host: {err}")
                 return self.step(*args)  # the interrupted step made no update: run it again
-        record = RECORDERS.get(self.device.type)
-        if record is None:
-            self._give_up(f"graph capture needs a CUDA device, and this run is on {self.device}")
-            return self.step(*args)
         if self.calls <= 2 + self.warmup:
             with side_stream(self.device):
                 return self.step(*args)
         try:
-            self.captured = CapturedStep(self.step, args, record)
+            self.captured = CapturedStep(self.step, args, RECORDERS[self.device.type])
         except Exception as err:  # noqa: BLE001 (any failure of the capture leaves the eager path)
             self._give_up(f"capturing the step failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
             return self.step(*args)
