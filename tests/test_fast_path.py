@@ -155,6 +155,10 @@ def test_adam_refuses_bad_learning_rates_and_options():
         Adam(1e-3, module_lrs={"guide": float("nan")})
     with pytest.raises(TypeError, match="unknown options.*momentum"):
         Adam(1e-3, momentum=0.9)
+    optim = Adam(1e-3)
+    optim.bind([("w", torch.nn.Parameter(torch.zeros(2)))])
+    with pytest.raises(ValueError, match="state of w is a learning-rate scheduler's"):
+        optim.set_state({"w": {"scheduler": {}, "optimizer": {}}})  # pyro.optim's format for a scheduler
 
 
 def test_fit_refuses_an_optimizer_it_cannot_drive(x):

@@ -143,14 +143,8 @@ class CapturedStep:
     def __init__(self, step: Callable[..., torch.Tensor], example: tuple, record: Callable[[Callable], Callable]):
         self.step = step
         self.static = tuple(a.detach().clone() for a in example)
-        self.replays = self.eager_steps = 0
-        self._loss: torch.Tensor | None = None
-
-        def run_static() -> torch.Tensor:
-            self._loss = step(*self.static)
-            return self._loss
-
-        self._replay = record(run_static)
+        self.replays = 0
+        self._replay = record(lambda: step(*self.static))
 
     def matches(self, args: tuple) -> bool:
         return len(args) == len(self.static) and all(
@@ -158,13 +152,11 @@ class CapturedStep:
 
     def __call__(self, *args) -> torch.Tensor:
         if not self.matches(args):
-            self.eager_steps += 1
             return self.step(*args)
         for s, a in zip(self.static, args):
             s.copy_(a)
-        out = self._replay()
         self.replays += 1
-        return out if out is not None else self._loss
+        return self._replay()
 
 
 def cuda_graph(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:

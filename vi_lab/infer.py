@@ -611,11 +611,11 @@ def fit(
                     reference = -terms["train_elbo"]
                 bar.set_postfix(elbo=f"{tally.sums['train_elbo'] / tally.n:.2f}")
             if marks is not None and next_mark < len(marks) and seen >= marks[next_mark]:
-                _read_back(unread, tally, bar)
+                _read_back(unread, train_step, tally, bar)
                 record(epoch)
                 while next_mark < len(marks) and marks[next_mark] <= seen:
                     next_mark += 1
-        _read_back(unread, tally, bar)
+        _read_back(unread, train_step, tally, bar)
         if _non_finite(model, guide, store=True):
             raise TrainingDiverged("a parameter became NaN or infinite", epoch, len(batches), len(batches),
                                    ckpt_path)
@@ -694,15 +694,13 @@ def _step(run_step: Callable[..., torch.Tensor], args: tuple, model, guide, wher
         raise TrainingDiverged(reason, epoch, step, steps, ckpt_path) from err
 
 
-def _read_back(unread: list[tuple[torch.Tensor, int, tuple]], tally: _Tally, bar) -> None:
+def _read_back(unread: list[tuple[torch.Tensor, int, tuple]], train_step: TrainStep, tally: _Tally, bar) -> None:
     """Read captured steps' losses back in one transfer, check them and add them to the tally."""
     if not unread:
         return
     values = torch.stack([u[0] for u in unread]).tolist()
     for value, (_, n, where) in zip(values, unread):
-        if not math.isfinite(value):
-            raise TrainingDiverged(f"the loss became {value}", *where, loss=value)
-        tally.add({"train_elbo": -value}, n)
+        tally.add(_terms(train_step, value, where), n)
     unread.clear()
     bar.set_postfix(elbo=f"{tally.sums['train_elbo'] / tally.n:.2f}")
 

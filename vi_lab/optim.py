@@ -119,10 +119,6 @@ class Adam(pyro.optim.PyroOptim):
                 if state and torch.is_tensor(state.get("step")):
                     state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
 
-    @property
-    def params(self) -> list[torch.Tensor]:
-        return list(self._names)
-
     # -- stepping --------------------------------------------------------------------------------
 
     def step(self) -> None:
@@ -156,18 +152,18 @@ class Adam(pyro.optim.PyroOptim):
         if self.torch_optim is None:
             self._pending = dict(state)
             return
-        index = {self._names[p]: p for p in self._names}
-        self._pending = {k: v for k, v in state.items() if k not in index}  # for parameters bound later
-        full = self.torch_optim.state_dict()
-        ids = {}
+        # state_dict() numbers the parameters in param-group order
         flat = [p for g in self.torch_optim.param_groups for p in g["params"]]
-        for i, p in enumerate(flat):
-            ids[self._names[p]] = i
+        ids = {self._names[p]: i for i, p in enumerate(flat)}
+        self._pending = {k: v for k, v in state.items() if k not in ids}  # for parameters bound later
+        full = self.torch_optim.state_dict()
         for name, saved in state.items():
-            if name in ids and saved.get("state"):
-                if "scheduler" in saved:
-                    raise ValueError(f"the saved optimizer state of {name} is a learning-rate scheduler's; "
-                                     "resume it with the same pyro.optim scheduler as optimizer=")
+            if name not in ids:
+                continue
+            if "scheduler" in saved:  # pyro.optim's format for a scheduler: no "state" key of its own
+                raise ValueError(f"the saved optimizer state of {name} is a learning-rate scheduler's; "
+                                 "resume it with the same pyro.optim scheduler as optimizer=")
+            if saved.get("state"):
                 full["state"][ids[name]] = saved["state"][0]
         # torch casts each entry to its parameter's device and dtype (fused: step counters too)
         self.torch_optim.load_state_dict(full)
