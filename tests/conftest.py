@@ -7,6 +7,7 @@ told the device: it must follow the data.
 """
 
 import os
+import sys
 from pathlib import Path
 
 import pyro
@@ -14,6 +15,10 @@ import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# helper modules of the tests (ranks.py: launching under torchrun) import by name; pytest's
+# importlib mode puts no test folder on sys.path by itself
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Tests read real data from ../shared/data when it is there (CI, developers); a user's
 # machine without it falls back to what vi_lab.data finds (see vi_lab/data.py).

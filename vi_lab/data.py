@@ -48,6 +48,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vi_lab.distributed import World, broadcast_, shard_bounds
+
 __all__ = [
     "ARRAY_SUFFIXES",
     "BINARIZATIONS",
@@ -1282,6 +1284,10 @@ class DeviceBatches:
     :param transform: applied to each data batch, e.g. dynamic binarization.
     :param extra: tensor indexed alongside ``x`` (e.g. labels); batches are then
         ``(x_batch, extra_batch)`` tuples. Not transformed.
+    :param world: under data parallelism (:mod:`vi_lab.distributed`), this process's place
+        in the run: rank 0 draws each epoch's permutation and shares it, and every rank
+        yields its contiguous shard of each batch (:meth:`rows` says how many rows the
+        whole batch has). ``None``: one process.
 
     Example::
 
@@ -1300,6 +1306,7 @@ class DeviceBatches:
         drop_last: bool = False,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         extra: torch.Tensor | None = None,
+        world: World | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -1324,16 +1331,35 @@ class DeviceBatches:
         self.drop_last = drop_last
         self.transform = transform
         self.num_data = x.shape[0]
+        self.world = world or World()
 
     def __len__(self) -> int:
         if self.drop_last:
             return self.num_data // self.batch_size
         return -(-self.num_data // self.batch_size)
 
+    def rows(self, i: int) -> int:
+        """Rows of the ``i``-th batch (0-based) over all ranks."""
+        return min(self.batch_size, self.num_data - i * self.batch_size)
+
+    def _order(self) -> torch.Tensor | None:
+        if not self.shuffle:
+            return None
+        if not self.world.parallel:
+            return torch.randperm(self.num_data, device=self.x.device)
+        # rank 0 draws exactly what one process would, and every rank uses it
+        order = torch.randperm(self.num_data, device=self.x.device) if self.world.main else \
+            torch.empty(self.num_data, dtype=torch.long, device=self.x.device)
+        return broadcast_(order, "the share of the epoch's permutation")
+
     def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(self.num_data, device=self.x.device) if self.shuffle else None
+        order = self._order()
         for i in range(len(self)):
-            lo, hi = i * self.batch_size, (i + 1) * self.batch_size
+            lo = i * self.batch_size
+            hi = lo + self.rows(i)
+            if self.world.parallel:  # this rank's contiguous part of the batch
+                a, b = shard_bounds(hi - lo, self.world)
+                lo, hi = lo + a, lo + b
             if order is None:
                 batch = self.x[lo:hi]
                 extra = None if self.extra is None else self.extra[lo:hi]

@@ -19,14 +19,14 @@ from pyro.infer.autoguide import AutoGuide
 from tqdm.auto import tqdm
 
 from vi_lab import checkpoint as ckpt
-from vi_lab import evaluate
+from vi_lab import distributed, evaluate
 from vi_lab.contract import check_data, check_pair, check_row_shape, check_support
 from vi_lab.data import BINARIZATIONS, DeviceBatches, binarize as binarize_fn, check_unit_interval
 from vi_lab.device import resolve_device
 from vi_lab.estimators import Estimator, prepare as prepare_estimator
 from vi_lab.objectives import LOSSES, make_loss, training_objective  # noqa: F401 (re-exported: vi_lab.infer.LOSSES)
 from vi_lab.optim import Adam
-from vi_lab.capture import CaptureRun
+from vi_lab.capture import CaptureRun, CaptureUnavailable
 from vi_lab.step import TrainStep, make_optimizer
 
 CHECKPOINT_NAME = "last.pt"
@@ -73,6 +73,8 @@ class FitResult:
     :ivar checkpoint: path of the last checkpoint, if any.
     :ivar metrics_path: the JSON-lines file of per-epoch metrics, if any.
     :ivar captured_steps: steps replayed from a CUDA graph (``capture=True``); 0 when eager.
+    :ivar world_size: processes that trained the model together (1 without torchrun).
+    :ivar backend: their ``torch.distributed`` backend (``gloo``, ``nccl``), None for one process.
     """
 
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -80,6 +82,8 @@ class FitResult:
     checkpoint: Path | None = None
     metrics_path: Path | None = None
     captured_steps: int = 0
+    world_size: int = 1
+    backend: str | None = None
 
     @property
     def train_elbo(self) -> float:
@@ -172,8 +176,26 @@ def _apply_current_hyperparameters(optim: pyro.optim.PyroOptim | Adam, saved: di
             group.update({k: v for k, v in args.items() if k in group})
 
 
+#: Pyro's decaying-average baselines: one value per batch position, so under data parallelism
+#: each rank holds its part of the batch's (see :func:`_gathered_params`)
+PER_POSITION_PREFIX = "__baseline_avg_"
+
+
+def _gathered_params(world: distributed.World) -> dict[str, torch.Tensor]:
+    """The param store as one process would hold it: per-position baselines joined over ranks (last dim)."""
+    store = pyro.get_param_store()
+    params = {k: v.detach().clone() for k, v in store._params.items()}
+    if world.parallel:
+        for name in sorted(k for k in params if k.startswith(PER_POSITION_PREFIX)):
+            parts = distributed.all_gather_object(params[name].cpu(), "the gather of baseline averages")
+            params[name] = torch.cat(parts, dim=-1).to(params[name].device)
+    return params
+
+
 def _state(model, guide, optim, epoch: int, history: list, settings: dict[str, Any],
-           tally: "_Tally | None" = None) -> dict[str, Any]:
+           tally: "_Tally | None" = None, world: distributed.World | None = None) -> dict[str, Any]:
+    """What a checkpoint holds; under data parallelism every rank calls it (it gathers), rank 0 writes it."""
+    world = world or distributed.World()
     store = pyro.get_param_store()
     return {
         "epoch": epoch,
@@ -185,10 +207,13 @@ def _state(model, guide, optim, epoch: int, history: list, settings: dict[str, A
         # (all of it: modules, pyro.param sites, baseline nets) is what resume restores
         "model": model.state_dict() if isinstance(model, torch.nn.Module) else None,
         "guide": guide.state_dict() if isinstance(guide, torch.nn.Module) else None,
-        "param_store": {"params": {k: v.detach().clone() for k, v in store._params.items()},
-                        "constraints": dict(store._constraints)},
+        "param_store": {"params": _gathered_params(world), "constraints": dict(store._constraints)},
         "optim": optim.get_state(),
         "rng": ckpt.rng_state(),
+        # every rank's random state, for a resume on as many processes (rank 0's is "rng")
+        "rng_ranks": distributed.all_gather_object(ckpt.rng_state(), "the gather of random states")
+        if world.parallel else None,
+        "world_size": world.size,
     }
 
 
@@ -206,12 +231,16 @@ def _restore(state: dict[str, Any], model, guide, optim, step: TrainStep, first_
     step.evaluate(*first_args)
     store = pyro.get_param_store()
     saved = state["param_store"]
+    world = distributed.world()
     for name, value in saved["params"].items():
-        if name in store._params:
+        if name.startswith(PER_POSITION_PREFIX) and world.parallel:
+            lo, hi = distributed.shard_bounds(value.shape[-1], world)  # this rank's batch positions
+            value = value[..., lo:hi]
+        if name in store._params and store._params[name].shape == value.shape:
             with torch.no_grad():
                 store._params[name].copy_(value)
         else:
-            store._params[name] = value.to(first_args[0].device).requires_grad_()
+            store._params[name] = value.to(first_args[0].device).clone().requires_grad_()
             store._constraints[name] = saved["constraints"][name]
             store._param_to_name[store._params[name]] = name
     _apply_current_hyperparameters(optim, state["optim"])
@@ -302,6 +331,7 @@ class _Data:
     eval_extra: torch.Tensor | None
     transform: Callable | None
     device: torch.device
+    world: distributed.World
 
 
 def _prepare_data(model, guide, data, eval_data, device, binarize: str, seed: int) -> _Data:
@@ -310,6 +340,8 @@ def _prepare_data(model, guide, data, eval_data, device, binarize: str, seed: in
     check_data(x, "data")
     check_row_shape(model, guide, x, "data")
     dev = resolve_device(device, x)
+    world = distributed.setup(dev)  # joins the run's processes under torchrun; one process otherwise
+    dev = distributed.local_device(dev, world)
     x = x.to(dev)
     extra = extra.to(dev) if extra is not None else None
     for m in _modules(model, guide):
@@ -326,7 +358,7 @@ def _prepare_data(model, guide, data, eval_data, device, binarize: str, seed: in
             check_unit_interval(eval_x, "eval_data", binarize)
         eval_x = heldout_binarized(eval_x.to(dev), binarize, seed)  # once: the held-out set is fixed
         eval_extra = eval_extra.to(dev) if eval_extra is not None else None
-    return _Data(x, extra, eval_x, eval_extra, transform, dev)
+    return _Data(x, extra, eval_x, eval_extra, transform, dev, world)
 
 
 def _record_marks(record_at: Any, per_epoch: int, epochs: int) -> list[int] | None:
@@ -504,18 +536,22 @@ def fit(
     if not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
     d = _prepare_data(model, guide, data, eval_data, device, binarize, seed)
-    x, extra, transform = d.x, d.extra, d.transform
+    x, extra, transform, world = d.x, d.extra, d.transform, d.world
+    if world.parallel:
+        _check_parallel(guide, batch_size, world)
     train_step = training_step(model, guide, loss=loss, estimator=estimator, baseline=baseline, lr=lr,
                                optimizer=optimizer, num_particles=num_particles, x_dim=x[0].numel(),
                                device=d.device, seed=seed)
     est, optim = train_step.estimator, train_step.optim
     own_loss = isinstance(est, _OwnLoss)
+    averager = distributed.GradientAverager() if world.parallel else None
+    train_step.reduce = averager
     if own_loss and getattr(model, "site_scales", None):
         raise ValueError(f"loss {_loss_label(loss)} has no KL term to weight: site scales {model.site_scales} "
                          "(beta) apply to ELBO losses only; build the model with beta=1")
     # Pyro keeps a decaying-average baseline per batch position: batches must not change size
     batches = DeviceBatches(x, batch_size, shuffle=True, transform=transform, extra=extra,
-                            drop_last=est.fixed_batch and x.shape[0] >= batch_size)
+                            drop_last=est.fixed_batch and x.shape[0] >= batch_size, world=world)
     per_epoch = x.shape[0] if not batches.drop_last else len(batches) * batch_size
     marks = _record_marks(record_at, per_epoch, epochs)
 
@@ -525,14 +561,15 @@ def fit(
         metrics_path = ckpt_dir / METRICS_NAME
     metrics_path = Path(metrics_path) if metrics_path is not None else None
     if not resume:
-        _refuse_existing_run(ckpt_path, metrics_path)
+        distributed.main_decides(lambda: _refuse_existing_run(ckpt_path, metrics_path), "the check for an earlier run")
 
     _refuse_untrainable(model, guide, batch_size, x.shape[0])
 
     def door() -> tuple:
         """The contract, once, on a batch as the steps see it; returns that batch's arguments."""
-        x0 = transform(x[:batch_size]) if transform is not None else x[:batch_size]
-        first = (x0, extra[:batch_size]) if extra is not None else (x0,)
+        lo, hi = distributed.shard_bounds(min(batch_size, x.shape[0]), world)  # this rank's part of it
+        x0 = transform(x[lo:hi]) if transform is not None else x[lo:hi]
+        first = (x0, extra[lo:hi]) if extra is not None else (x0,)
         enumerated_ok = not own_loss and isinstance(est.loss, TraceEnum_ELBO)
         pair = check_pair(model, guide, *first, enumerated_ok=enumerated_ok, what="data")
         _check_module_lrs(optim)  # the pair's networks are registered now
@@ -548,20 +585,33 @@ def fit(
 
 
     start_epoch, history, partial = _begin(resume, ckpt_path, metrics_path, door, settings, model, guide, optim,
-                                           train_step, seed)
-    if ckpt_path is not None:
+                                           train_step, seed, world)
+    if ckpt_path is not None and world.main:
         ckpt.remove_temporaries(ckpt_path)  # left by a process killed mid-write
+    saved_epoch = start_epoch if resume else None  # the epoch the checkpoint on disk holds
 
     modules = _modules(model, guide)
     for m in modules:
         m.zero_grad(set_to_none=True)  # stale gradients would bend the first step
+    if capture and world.parallel:
+        warnings.warn(f"capture=True: data-parallel training ({world.size} processes) is not captured; training "
+                      f"eagerly instead", CaptureUnavailable, stacklevel=2)
+        capture = False
     runner = CaptureRun(train_step, d.device) if capture else None
+    progress = progress if world.main else False  # one rank prints
     run_step = runner if runner is not None else train_step
     unread: list[tuple[torch.Tensor, int, tuple]] = []  # captured steps' losses, not read back yet
     reference = None  # the loss of the run's first steps, to recognise an explosion
     seen = start_epoch * per_epoch
     next_mark = 0 if marks is None else sum(m <= seen for m in marks)
     tally = _Tally(partial if marks is not None else None)
+
+    def save(epoch: int, partial: _Tally | None = None) -> None:
+        nonlocal saved_epoch
+        state = _state(model, guide, optim, epoch, history, settings, partial, world)  # every rank: it gathers
+        if world.main:
+            ckpt.save_atomic(state, ckpt_path)
+        saved_epoch = epoch
 
     def record(epoch: int) -> None:
         nonlocal tally
@@ -582,8 +632,8 @@ def fit(
         if marks is None and ckpt_path is not None:
             # checkpoint first, then the metrics line: a crash between them leaves a line short,
             # never a line the checkpoint does not hold (resume rewrites the log from the checkpoint)
-            ckpt.save_atomic(_state(model, guide, optim, epoch, history, settings), ckpt_path)
-        if metrics_path is not None:
+            save(epoch)
+        if metrics_path is not None and world.main:
             _append_metrics(metrics_path, entry)
         if progress:
             where = f"epoch {epoch}" if marks is None else f"epoch {epoch}, {seen} samples"
@@ -592,50 +642,76 @@ def fit(
                        f"({entry['seconds']:.1f} s)")
         tally = _Tally()
 
-    for epoch in range(start_epoch + 1, epochs + 1):
-        for m in modules:
-            m.train()
-        bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", disable=progress is not True, leave=False)
-        for step, batch in enumerate(bar, start=1):
-            args = batch if isinstance(batch, tuple) else (batch,)
-            where = (epoch, step, len(batches), ckpt_path)
-            n = args[0].shape[0]
-            seen += n
-            value = _step(run_step, args, model, guide, where)
-            if runner is not None and runner.captured is not None:
-                unread.append((value.clone(), n, where))  # read back in bulk: a replay waits for nothing
-            else:
-                terms = _terms(train_step, float(value), where)
-                tally.add(terms, n)
-                if reference is None:  # the loss before this run's first update
-                    reference = -terms["train_elbo"]
-                bar.set_postfix(elbo=f"{tally.sums['train_elbo'] / tally.n:.2f}")
-            if marks is not None and next_mark < len(marks) and seen >= marks[next_mark]:
-                _read_back(unread, train_step, tally, bar)
+    epoch = step = 0
+    try:
+        for epoch in range(start_epoch + 1, epochs + 1):
+            for m in modules:
+                m.train()
+            bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", disable=progress is not True, leave=False)
+            for step, batch in enumerate(bar, start=1):
+                args = batch if isinstance(batch, tuple) else (batch,)
+                where = (epoch, step, len(batches), ckpt_path)
+                n = batches.rows(step - 1)  # the whole batch's rows (this rank's share is args[0])
+                seen += n
+                if averager is not None:
+                    averager.weight = args[0].shape[0] / n
+                value = _step(run_step, args, model, guide, where)
+                if runner is not None and runner.captured is not None:
+                    unread.append((value.clone(), n, where))  # read back in bulk: a replay waits for nothing
+                else:
+                    terms = _terms(train_step, float(value), where)
+                    tally.add(terms, n)
+                    if reference is None:  # the loss before this run's first update
+                        reference = -terms["train_elbo"]
+                    bar.set_postfix(elbo=f"{tally.sums['train_elbo'] / tally.n:.2f}")
+                if marks is not None and next_mark < len(marks) and seen >= marks[next_mark]:
+                    _read_back(unread, train_step, tally, bar)
+                    record(epoch)
+                    while next_mark < len(marks) and marks[next_mark] <= seen:
+                        next_mark += 1
+            _read_back(unread, train_step, tally, bar)
+            if _non_finite(model, guide, store=True):
+                raise TrainingDiverged("a parameter became NaN or infinite", epoch, len(batches), len(batches),
+                                       ckpt_path)
+            if marks is None:
                 record(epoch)
-                while next_mark < len(marks) and marks[next_mark] <= seen:
-                    next_mark += 1
-        _read_back(unread, train_step, tally, bar)
-        if _non_finite(model, guide, store=True):
-            raise TrainingDiverged("a parameter became NaN or infinite", epoch, len(batches), len(batches),
-                                   ckpt_path)
-        if marks is None:
-            record(epoch)
-        elif ckpt_path is not None:
-            ckpt.save_atomic(_state(model, guide, optim, epoch, history, settings, tally), ckpt_path)
+            elif ckpt_path is not None:
+                save(epoch, tally)
+    except distributed.PeerLost as err:
+        kept = (f"the last checkpoint, {ckpt_path} (epoch {saved_epoch}), is intact: continue with resume=True "
+                f"(--resume) on any number of processes" if saved_epoch else
+                "no checkpoint was written yet" if ckpt_path is not None else "no checkpoint_dir was given")
+        raise distributed.PeerLost(f"{err}, in epoch {epoch}, step {step}; {kept}") from err
     for m in modules:
         m.eval()
     written = ckpt_path if ckpt_path is not None and ckpt_path.is_file() else None  # none after 0 epochs
     return FitResult(history=history, device=str(d.device), checkpoint=written, metrics_path=metrics_path,
-                     captured_steps=runner.captured.replays if runner is not None and runner.captured else 0)
+                     captured_steps=runner.captured.replays if runner is not None and runner.captured else 0,
+                     world_size=world.size, backend=world.backend)
+
+
+def _check_parallel(guide, batch_size: int, world: distributed.World) -> None:
+    """Refuse what data parallelism cannot do, before anything runs."""
+    if batch_size < world.size:
+        raise ValueError(f"batch_size={batch_size} is smaller than the {world.size} processes training together: "
+                         f"each takes a part of every batch; use batch_size >= {world.size} (the global batch)")
+    if isinstance(guide, AutoGuide):
+        raise ValueError(f"{type(guide).__name__} keeps one row of parameters per batch position, and under data "
+                         f"parallelism each of the {world.size} processes sees other rows; train it in one process, "
+                         f"or use an amortized guide (vi_lab.make_guide)")
 
 
 def _begin(resume, ckpt_path: Path | None, metrics_path: Path | None, door: Callable[[], tuple],
            settings: dict[str, Any], model, guide, optim, train_step: TrainStep,
-           seed: int) -> tuple[int, list[dict[str, Any]], dict[str, Any] | None]:
+           seed: int, world: distributed.World) -> tuple[int, list[dict[str, Any]], dict[str, Any] | None]:
     """Start a run: restore a checkpoint (``resume``) or seed a fresh one; the contract is checked
     either way (``door``). Returns the epoch reached, the history so far and, with ``record_at``,
-    the averages since the last record."""
+    the averages since the last record.
+
+    Under data parallelism rank 0 reads the checkpoint and shares it; a fresh run takes rank 0's
+    initial parameters everywhere. Each rank draws from its own random stream: rank 0's is the
+    one a single process would use, the others' are seeded from ``seed``, the epoch and the rank
+    (or restored, when the checkpoint was written by as many processes)."""
     if resume:
         path = ckpt_path if resume is True else Path(resume)
         if path is None:
@@ -643,11 +719,17 @@ def _begin(resume, ckpt_path: Path | None, metrics_path: Path | None, door: Call
         # on the CPU: load_state_dict and copy_ below put each tensor where its parameter is,
         # and torch's optimizer keeps its step counters on the CPU, as in a fresh run
         first = door()  # its draws come before the RNG state restored below
-        state = ckpt.load(path, map_location="cpu")
+        state = distributed.main_decides(lambda: ckpt.load(path, map_location="cpu"), "reading the checkpoint")
         _check_settings(state.get("settings"), settings, path)
         _restore(state, model, guide, optim, train_step, first, path)
+        if world.parallel and world.rank:
+            saved = state.get("rng_ranks")
+            if saved and len(saved) == world.size:
+                ckpt.set_rng_state(saved[world.rank])
+            else:  # written by another number of processes: a fresh stream for this rank
+                pyro.set_rng_seed(_rank_seed(seed, state["epoch"], world.rank))
         history = list(state["history"])
-        if metrics_path is not None:
+        if metrics_path is not None and world.main:
             # a crash between the checkpoint and the metrics line, or after a line of an epoch
             # the checkpoint does not hold: the log restarts from what the checkpoint holds
             # (left alone when it says that already: a finished run may live in a read-only place)
@@ -667,7 +749,28 @@ def _begin(resume, ckpt_path: Path | None, metrics_path: Path | None, door: Call
         pyro.get_param_store().set_state(before[1])
         raise
     ckpt.set_rng_state(rng)
+    if world.parallel:
+        _share_parameters(model, guide)
+        if world.rank:
+            pyro.set_rng_seed(_rank_seed(seed, 0, world.rank))
     return 0, [], None
+
+
+def _rank_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of rank ``rank``'s random stream when a run (re)starts at ``epoch`` (rank 0 keeps ``seed``)."""
+    return (seed * 1_000_003 + epoch * 7_919 + rank) % 2**63
+
+
+def _share_parameters(model, guide) -> None:
+    """Every rank starts from rank 0's parameters (param store, in name order) and module buffers."""
+    store = pyro.get_param_store()
+    with torch.no_grad():
+        for name in sorted(store._params):
+            if not name.startswith(PER_POSITION_PREFIX):
+                distributed.broadcast_(store._params[name].data, "the share of the initial parameters")
+        for m in _modules(model, guide):
+            for b in m.buffers():
+                distributed.broadcast_(b.data, "the share of the initial parameters")
 
 
 def _check_module_lrs(optim: Any) -> None:

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
+from vi_lab import distributed
 from vi_lab.checkpoint import CheckpointError
 from vi_lab.contract import ContractError
 from vi_lab.data import DATASETS, binarize, load_dataset
@@ -134,10 +135,46 @@ def add_common_args(p: argparse.ArgumentParser, *, epochs: int = 10, eval_size: 
 
 
 def setup(threads: int | None = None, device: str | None = None) -> torch.device:
-    """Threads, logging and the device, once per script."""
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    """Threads, logging and the device, once per script.
+
+    Under torchrun the default threads are this node's cores shared among its processes.
+    """
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, per_node)))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return pick_device(device)
+
+
+def setup_world(device: torch.device) -> tuple[distributed.World, torch.device]:
+    """Join the run's processes when launched by torchrun; returns the world and this rank's device.
+
+    Ranks other than 0 print nothing (their standard output goes to ``os.devnull``; errors
+    still reach standard error): rank 0 speaks and writes for the run. Without torchrun:
+    ``World()`` and ``device`` unchanged.
+    """
+    world = distributed.setup(device)
+    if not world.main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    return world, distributed.local_device(device, world)
+
+
+#: the commands that run under torchrun (data parallelism); the others refuse it
+PARALLEL_COMMANDS = ("train", "eval", "gaps")
+
+
+def one_process(command: str) -> None:
+    """Refuse a launch on several processes for a command that runs in one (``SystemExit``, one line)."""
+    if distributed.launched():
+        raise SystemExit(f"error: vi-lab {command} runs in one process, but torchrun started "
+                         f"{os.environ['WORLD_SIZE']}; launch it without torchrun (under torchrun: vi-lab "
+                         f"{', '.join(PARALLEL_COMMANDS)} and examples/vae_mnist.py)")
+
+
+def claim_out_dir(out: str | None, resume: str | None = None, *, overwrite: bool = False,
+                  reuse: bool = False) -> Path:
+    """:func:`out_dir`, claimed by rank 0 alone; every rank gets its path (or its refusal)."""
+    return distributed.main_decides(lambda: out_dir(out, resume, overwrite=overwrite, reuse=reuse),
+                                    "claiming the run directory")
 
 
 #: the run's options, written at its start (see :func:`record_config`)
@@ -364,7 +401,7 @@ def load_data(dataset: str = "mnist", *, data_dir: str | None = None, device: to
 
 #: errors a user causes and can fix from the message alone: printed as one line, no traceback
 USER_ERRORS: tuple[type[BaseException], ...] = (TrainingDiverged, ContractError, CheckpointError, ValueError,
-                                                OSError)
+                                                OSError, distributed.PeerLost)
 
 
 @contextlib.contextmanager

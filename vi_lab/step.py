@@ -60,11 +60,22 @@ class TrainStep:
         self.estimator: Any = None  # what vi_lab.infer.training_step made concrete for the guide
         #: the parameters the pair uses, found by tracing a step (as SVI does every step)
         self.params: list[torch.Tensor] = []
+        self.names: list[str] = []  # their names in Pyro's param store, when found
+        #: under data parallelism, ``reduce(named_params, loss, terms) -> global loss``
+        #: (:class:`vi_lab.distributed.GradientAverager`) runs between the gradients and the update
+        self.reduce: Callable[..., torch.Tensor] | None = None
         self._store_size = -1  # the param store's size when self.params was last gathered
 
     def __call__(self, *args) -> torch.Tensor:
         with pyro.validation_enabled(self.validate_next):
-            value = self.gradients(*args)
+            if args[0].shape[0] or self.reduce is None:
+                value = self.gradients(*args)
+            else:  # a rank whose share of a small last batch is empty: no gradient, still in the reduction
+                for p in self.params:
+                    p.grad = None
+                value = args[0].new_zeros(())
+            if self.reduce is not None:  # (an empty rank's stale terms count for nothing: its weight is 0)
+                value = self.reduce(list(zip(self.names, self.params)), value, getattr(self.loss, "terms", None))
             self.update()
         self.validate_next = False
         return value
@@ -83,6 +94,7 @@ class TrainStep:
         new = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
         new = [p for p in dict.fromkeys(new) if p not in known]
         self.params += new
+        self.names += [store.param_name(p) for p in new]
         if isinstance(self.optim, Adam):
             self.optim.bind((store.param_name(p), p) for p in new)
         self._store_size = len(store._params)

@@ -99,6 +99,7 @@ def main(cfg: Config) -> dict:
     """Train the AE, the DAE and the VAE, decode random latents, measure; write the pictures and metrics.json."""
     from vi_lab import viz  # matplotlib: imported when pictures are drawn, not for --help
 
+    runs.one_process("autoencoders")
     device = runs.setup(cfg.threads, cfg.device)
     out = runs.out_dir(cfg.out, overwrite=cfg.overwrite)
     source = cfg.data or cfg.dataset

@@ -90,6 +90,7 @@ def _num_classes(data: runs.RunData, digits: tuple[int, ...] | None) -> int:
 def main(cfg: Config) -> dict:
     from vi_lab import viz  # matplotlib: imported when pictures are drawn, not for --help
 
+    runs.one_process("cvae")
     device = runs.setup(cfg.threads, cfg.device)
     out = runs.out_dir(cfg.out, overwrite=cfg.overwrite)
     source = cfg.data or cfg.dataset

@@ -163,6 +163,7 @@ def main(cfg: Config) -> dict:
     """Fit every method of ``cfg.methods`` (EM and SVI per K, one VAE); write em.json and the figures."""
     from vi_lab import viz  # matplotlib: imported when pictures are drawn, not for --help
 
+    runs.one_process("em")
     device = runs.setup(cfg.threads, cfg.device)
     out = runs.out_dir(cfg.out, overwrite=cfg.overwrite)
     # one static binarization for everything: mixtures and VAE fit the same binary images

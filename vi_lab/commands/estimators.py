@@ -286,6 +286,7 @@ def save_variance(results: dict, path: Path) -> Path:
 
 
 def main(cfg: Config) -> dict:
+    runs.one_process("estimators")
     device = runs.setup(cfg.threads, cfg.device)
     out = runs.out_dir(cfg.out, overwrite=cfg.overwrite)
     data = runs.load_data(cfg.data or cfg.dataset, data_dir=cfg.data_dir, device=device, train_size=cfg.train_size,

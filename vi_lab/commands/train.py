@@ -22,7 +22,7 @@ import pyro
 import torch
 
 import vi_lab
-from vi_lab import evaluate, runs
+from vi_lab import distributed, evaluate, runs
 from vi_lab.data import BINARIZATIONS
 from vi_lab.estimators import BASELINES, ESTIMATORS
 from vi_lab.guides import GUIDES, guide_options
@@ -119,8 +119,9 @@ def main(cfg: Config) -> dict:
     from vi_lab import viz  # matplotlib: imported when pictures are drawn, not for --help
 
     device = runs.setup(cfg.threads, cfg.device)
-    out = runs.out_dir(cfg.out, cfg.resume, overwrite=cfg.overwrite)
-    runs.record_config(out, cfg, cfg.resume)
+    world, device = runs.setup_world(device)  # under torchrun: rank 0 prints and writes, every rank trains
+    out = runs.claim_out_dir(cfg.out, cfg.resume, overwrite=cfg.overwrite)
+    distributed.main_decides(lambda: runs.record_config(out, cfg, cfg.resume), "checking the run's options")
     mode = cfg.binarize or runs.default_binarization(cfg.likelihood)
     data = runs.load_data(cfg.data or cfg.dataset, data_dir=cfg.data_dir, device=device, train_size=cfg.train_size,
                           eval_size=cfg.eval_size, binarization=mode, seed=cfg.seed)
@@ -158,6 +159,8 @@ def main(cfg: Config) -> dict:
         "epochs": len(result.history),
         "seconds_per_epoch": result.seconds_per_epoch,
         "captured_steps": result.captured_steps,
+        "world_size": result.world_size,
+        "backend": result.backend,
         "train_size": len(x_train),
         "binarization": mode,
         **runs.data_record(data),
@@ -168,6 +171,8 @@ def main(cfg: Config) -> dict:
         **runs.provenance(cfg),
         "history": result.history,
     }
+    if not world.main:
+        return metrics  # every number above is the run's (gathered); rank 0 writes and draws
     runs.write_json(out / "metrics.json", metrics)
     viz.save_curves(result.history, out / "curves.png",
                     title=f"VAE on {data.name} ({cfg.guide} guide, D={cfg.latent_dim})")
@@ -182,7 +187,7 @@ def main(cfg: Config) -> dict:
         (f"test log-likelihood (K={cfg.eval_samples})", f"{metrics['test_log_likelihood']:.2f} +/- {sem:.2f}"),
         ("test reconstruction E_q[log p(x|z)]", f"{metrics['test_reconstruction']:.2f}"),
         ("test KL(q(z|x) || p(z))", f"{metrics['test_kl']:.2f}"),
-        ("seconds per epoch", f"{metrics['seconds_per_epoch']:.1f} ({result.device})" if result.history else "n/a"),
+        ("seconds per epoch", f"{metrics['seconds_per_epoch']:.1f} ({_where(result)})" if result.history else "n/a"),
         ("data", f"{data.name}, {len(x_train)} train / {len(x_test)} test"
                  f"{' (EMBEDDED FALLBACK)' if data.fallback else ''}"),
     ]))
@@ -198,6 +203,12 @@ def main(cfg: Config) -> dict:
         print(f"no sample or reconstruction pictures: the data are not square grey images ({data.name})")
     runs.print_fallback_banner(data)  # last, where it cannot be missed
     return metrics
+
+
+def _where(result: vi_lab.infer.FitResult) -> str:
+    """The device, and the processes when more than one trained together."""
+    return result.device if result.world_size == 1 else \
+        f"{result.world_size} processes, {result.backend}, rank 0 on {result.device}"
 
 
 def save_pictures(model, guide, x_test: torch.Tensor, y_test: torch.Tensor, out: Path) -> list[Path]:

@@ -98,6 +98,7 @@ def eval_schedule(total: int, batch_size: int, points: int) -> list[int]:
 def main(cfg: Config) -> dict:
     from vi_lab import viz  # matplotlib: imported when pictures are drawn, not for --help
 
+    runs.one_process("wake-sleep")
     device = runs.setup(cfg.threads, cfg.device)
     out = runs.out_dir(cfg.out, overwrite=cfg.overwrite)
     data = runs.load_data(cfg.data or cfg.dataset, data_dir=cfg.data_dir, device=device, train_size=cfg.train_size,

@@ -1,0 +1,42 @@
+"""Run by tests/test_distributed.py under torchrun: ``estimators.py OUT``.
+
+Trains a small VAE for one epoch with every estimator and loss of fit (checkpointed), and
+saves each rank's parameters, history and what its checkpoint holds to ``OUT/rank{r}.pt``.
+"""
+import sys
+from pathlib import Path
+
+import pyro
+import torch
+
+import vi_lab
+from vi_lab import checkpoint, distributed
+
+out = Path(sys.argv[1])
+COMBOS = [  # (loss, estimator, baseline, num_particles)
+    ("trace", "reparam", None, 1), ("meanfield", "reparam", None, 2), ("tracegraph", "reparam", None, 1),
+    ("trace", "reinforce", None, 1), ("trace", "reinforce_baseline", "decaying_avg", 1),
+    ("trace", "reinforce_baseline", "nn", 1), ("trace", "relaxed", None, 1),
+    ("wake_sleep", "reparam", None, 1), ("rws", "reparam", None, 2),
+]
+torch.manual_seed(0)
+x = (torch.rand(192, 16) < 0.3).float()
+rank = distributed.setup().rank  # a script that needs its rank before fit joins first
+saved = {}
+for loss, est, baseline, particles in COMBOS:
+    name = f"{loss}-{est}-{baseline}"
+    pyro.set_rng_seed(3)
+    model = vi_lab.VAE(4, [8], x_dim=16)
+    guide = vi_lab.make_guide("mean_field", latent_dim=4, hidden=[8], x_dim=16)
+    if est == "relaxed":
+        from vi_lab.guides import CategoricalGuide
+        from vi_lab.models.discrete import CategoricalVAE
+        model, guide = CategoricalVAE(3, (8,), x_dim=16), CategoricalGuide.make(3, hidden=(8,), x_dim=16)
+    r = vi_lab.fit(model, guide, x, loss=loss, estimator=est, baseline=baseline, num_particles=particles, epochs=1,
+                   batch_size=64, lr=1e-2, progress=False, checkpoint_dir=out / name)
+    distributed.barrier()  # rank 0's checkpoint is written
+    state = checkpoint.load(out / name / "last.pt")
+    saved[name] = {"params": {k: v.detach().clone() for k, v in pyro.get_param_store().items()},
+                   "history": r.history,
+                   "checkpoint_shapes": {k: tuple(v.shape) for k, v in state["param_store"]["params"].items()}}
+torch.save(saved, out / f"rank{rank}.pt")
