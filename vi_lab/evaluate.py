@@ -18,15 +18,21 @@ dimension and the batch dimension gives a ``(K, B)`` tensor of log weights. Then
 Site scales (e.g. beta of a beta-VAE) are ignored: evaluators report the true ELBO and
 log p(x) in nats per datapoint. Pyro's ``RenyiELBO`` is deliberately not used: it
 averages weights across the batch, which is wrong for per-datapoint latents.
+
+Under ``torchrun`` (:mod:`vi_lab.distributed`) the datapoints are split across the
+processes (:func:`split_datapoints`): each evaluates its contiguous share and every
+process gets the whole result, in data order.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
+import pickle
 import re
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import pyro
 import pyro.poutine as poutine
@@ -36,6 +42,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from vi_lab import distributed
 from vi_lab.contract import check_data, check_pair, check_row_shape, check_support, site_log_prob
 from vi_lab.device import check_modules_on
 from vi_lab.guides.local_base import LocalGuide
@@ -359,9 +366,166 @@ def chunk_plan(model: Callable, guide: Callable, x: torch.Tensor, *args, num_sam
     return _prepare(model, guide, x, args, kwargs, num_samples, batch_size, memory_budget)[0]
 
 
+def world_of(x: Any) -> distributed.World:
+    """The :class:`~vi_lab.distributed.World` of work on ``x``, joining torchrun's process group first
+    (:func:`vi_lab.distributed.setup` on ``x``'s device: ``nccl`` for CUDA data, else ``gloo``)."""
+    distributed.setup(x.device if torch.is_tensor(x) else None)
+    return distributed.world()
+
+
+def split_datapoints(fn: Callable[..., Any], x: torch.Tensor, args: tuple = (), kwargs: dict | None = None, *,
+                     join: Callable[[Any, Callable[[torch.Tensor], torch.Tensor]], Any] | None = None,
+                     whole: bool = False, ship: Callable[[Any], Any] | None = None,
+                     what: str = "the evaluation") -> Any:
+    """Per-datapoint work ``fn(x, *args, **kwargs)``, split across the processes of a torchrun launch.
+
+    In one process this is ``fn(x, *args, **kwargs)``. Under data parallelism
+    (:mod:`vi_lab.distributed`) each process runs ``fn`` alone (:func:`~vi_lab.distributed.alone`:
+    evaluators inside do not split again) on its contiguous rows of ``x``
+    (:func:`~vi_lab.distributed.shard_bounds`) and of the tensor arguments with ``x``'s first
+    dimension; then ``join(local, gather)`` builds the result, where ``gather(t)`` joins a
+    per-datapoint tensor ``(..., n_rank)`` into ``(..., N)``, in data order, on every process.
+    An error in any process's share is raised in every process (the lowest rank's, naming its
+    rows). With fewer datapoints than processes, or with ``whole`` (work that needs all of
+    ``x`` at once, e.g. a local guide's), process 0 runs ``fn`` on all of ``x`` and the others
+    receive ``ship(result)`` with its tensors moved to ``x``'s device.
+
+    Each process draws from its own random generator. Processes seeded alike (or not at all:
+    torch starts every process from the same seed) use the same noise for their different
+    datapoints, which leaves every estimate unbiased but correlates the shares' errors: seed
+    each process apart, e.g. ``pyro.set_rng_seed(seed + rank)``.
+
+    :param fn: ``fn(x, *args, **kwargs)``, whose result is per datapoint.
+    :param x: the N datapoints, batch first.
+    :param join: ``join(local, gather) -> result``; default: ``gather`` of the result, a tensor
+        or a tuple of tensors with the datapoints last.
+    :param whole: process 0 does all of the work (the others wait for its result).
+    :param ship: what process 0 sends of its result (default: all of it); drop what need not travel.
+    :param what: the work, as errors name it.
+    :returns: the same result on every process.
+
+    Example::
+
+        def score(xs):
+            return vi_lab.evaluate.log_weights(model, guide, xs, num_samples=100).max(0).values  # (n,)
+
+        best = split_datapoints(score, x)  # (N,) on every process, each process scoring its share
+    """
+    kwargs = kwargs or {}
+    w = world_of(x)
+    if not w.parallel:
+        return fn(x, *args, **kwargs)
+    check_data(x)  # every process alike, naming rows of all of x
+    if whole or x.shape[0] < w.size:
+        return _on_main(lambda: fn(x, *args, **kwargs), x.device, ship or (lambda r: r), what)
+    local = _on_shard(fn, x, args, kwargs, what)
+    n = x.shape[0]
+    return (join or _gather_each)(local, lambda t: gather_datapoints(t, n, f"the gather of {what}"))
+
+
+def gather_datapoints(local: torch.Tensor, n: int, what: str = "the gather of per-datapoint results") -> torch.Tensor:
+    """:func:`vi_lab.distributed.gather_rows` (``(..., n_rank)`` -> ``(..., n)`` on every process), also
+    for a CPU tensor when the process group is ``nccl``'s (which moves GPU memory only)."""
+    w = distributed.world()
+    if w.parallel and w.backend == "nccl" and local.device.type != "cuda":
+        here = torch.device("cuda", torch.cuda.current_device())
+        return distributed.gather_rows(local.to(here), n, what).to(local.device)
+    return distributed.gather_rows(local, n, what)
+
+
+def _gather_each(local: Any, gather: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    return tuple(gather(t) for t in local) if isinstance(local, tuple) else gather(local)
+
+
+def _on_shard(fn: Callable[..., Any], x: torch.Tensor, args: tuple, kwargs: dict, what: str) -> Any:
+    """``fn`` on this process's rows, alone; an error in any process's share is raised in every process."""
+    w = distributed.world()
+    lo, hi = distributed.shard_bounds(x.shape[0], w)
+    xs, a, kw = distributed.shard_args(x, args, kwargs)
+    result, error, told = None, None, None
+    try:
+        with distributed.alone():
+            result = fn(xs, *a, **kw)
+    except Exception as err:  # noqa: BLE001 - every process raises the first process's error
+        error = err
+        told = _portable_error(err, f"datapoints {lo}-{hi - 1} (process {w.rank} of {w.size})")
+    errors = distributed.all_gather_object(told, f"the outcome of {what}")
+    first = next((r for r, e in enumerate(errors) if e is not None), None)
+    if first is None:
+        return result
+    if first == w.rank:
+        raise told from error
+    raise errors[first]
+
+
+def _portable_error(err: Exception, where: str) -> Exception:
+    """``err`` with ``where`` in front of its message, in a form that can be sent to the other processes."""
+    try:
+        told = type(err)(f"{where}: {err}")
+        pickle.loads(pickle.dumps(told))
+    except Exception:  # noqa: BLE001 - an error type that takes other arguments or does not pickle
+        told = RuntimeError(f"{where}: {type(err).__name__}: {err}")
+    return told
+
+
+def _on_main(fn: Callable[[], Any], device: torch.device, ship: Callable[[Any], Any], what: str) -> Any:
+    """``fn()`` run alone by process 0; the others get ``ship`` of its result (an error: raised everywhere)."""
+    mine = []
+
+    def run():
+        with distributed.alone():
+            mine.append(fn())
+        return _moved(ship(mine[0]), torch.device("cpu"))  # a CUDA tensor would land on process 0's GPU
+
+    shipped = distributed.main_decides(run, what)
+    return mine[0] if mine else _moved(shipped, device)
+
+
+def _moved(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor in it (in tuples, lists, dicts and dataclasses) moved to ``device``."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a NamedTuple
+        return type(obj)(*(_moved(v, device) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_moved(v, device) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _moved(v, device) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _moved(getattr(obj, f.name), device)
+                                           for f in dataclasses.fields(obj) if f.init})
+    return obj
+
+
+def share_progress(progress: bool | str, label: str, w: distributed.World | None = None) -> bool | str:
+    """This process's progress bar under data parallelism: process 0's, named as its own share; none elsewhere."""
+    w = w or distributed.world()
+    if not progress or not w.parallel:
+        return progress
+    return f"{progress if isinstance(progress, str) else label} [process 0 of {w.size}]" if w.main else False
+
+
 @torch.no_grad()
 def _chunked(model, guide, x, args, kwargs, num_samples, batch_size, summarize, join, progress=False,
              memory_budget=None) -> torch.Tensor:
+    """:func:`_in_chunks`, on each process's share of the datapoints under data parallelism.
+
+    A local guide's parameters cover all of its batch: process 0 evaluates it alone.
+    """
+    w = world_of(x)
+    if w.parallel:
+        _check_inputs(x, num_samples, batch_size)  # every process alike, before any is left waiting
+    bar = share_progress(progress, "weights", w)
+
+    def run(xs, /, *a, **kw):
+        return _in_chunks(model, guide, xs, a, kw, num_samples, batch_size, summarize, join, bar, memory_budget)
+
+    return split_datapoints(run, x, args, kwargs, whole=isinstance(guide, LocalGuide), what="the evaluation")
+
+
+@torch.no_grad()
+def _in_chunks(model, guide, x, args, kwargs, num_samples, batch_size, summarize, join, progress=False,
+               memory_budget=None) -> torch.Tensor:
     """Evaluate in chunks planned by :func:`chunk_plan`; join on the batch dim.
 
     Each chunk's :class:`LogWeightTerms` ``(k, b)`` go through ``summarize`` at once (so only
@@ -402,6 +566,10 @@ def log_weights(
     For diagnostics such as Pareto k-hat; memory is K x B floats (the returned tensor, on
     top of the budget of one chunk).
 
+    Under torchrun the datapoints are split across the processes, each evaluating its
+    share with its own random draws, and every process returns the whole result in data order
+    (:func:`split_datapoints`; a local guide is evaluated by process 0 alone).
+
     :param num_samples: K.
     :param batch_size: datapoints per chunk (None: the memory budget decides).
     :param memory_budget: bytes of working memory per chunk, or a size such as ``"2GiB"``
@@ -422,6 +590,10 @@ def elbo(
     batch_size: int | None = None, progress: bool | str = False, memory_budget: int | str | None = None, **kwargs,
 ) -> torch.Tensor:
     """Per-datapoint ELBO ``E_q[log p(x, z) - log q(z | x)]``, Monte Carlo over ``num_samples`` draws.
+
+    Under torchrun the datapoints are split across the processes, each evaluating its
+    share with its own random draws, and every process returns the whole result in data order
+    (:func:`split_datapoints`; a local guide is evaluated by process 0 alone).
 
     :param model: Pyro model keeping the data-plate contract.
     :param guide: Pyro guide with the same arguments.
@@ -453,6 +625,10 @@ def log_likelihood(
     all K draws of as many datapoints as fit, else K itself in pieces. With K = 1 it equals
     the single-sample ELBO on the same draw.
 
+    Under torchrun the datapoints are split across the processes, each evaluating its
+    share with its own random draws, and every process returns the whole result in data order
+    (:func:`split_datapoints`; a local guide is evaluated by process 0 alone).
+
     :param num_samples: K.
     :param batch_size: datapoints per chunk (None: the memory budget decides).
     :param progress: show a progress bar of the weights drawn (a string names it).
@@ -478,6 +654,10 @@ def elbo_terms(
     batch_size: int | None = None, progress: bool | str = False, memory_budget: int | str | None = None, **kwargs,
 ) -> dict[str, torch.Tensor]:
     """The ELBO split as reconstruction minus KL, per datapoint (Monte Carlo).
+
+    Under torchrun the datapoints are split across the processes, each evaluating its
+    share with its own random draws, and every process returns the whole result in data order
+    (:func:`split_datapoints`; a local guide is evaluated by process 0 alone).
 
     :param batch_size: datapoints per chunk (None: the memory budget decides).
     :param memory_budget: bytes of working memory per chunk, or a size such as ``"2GiB"``.
