@@ -23,10 +23,17 @@ gap; the curve shows how much each step budget buys.
 
 Everything is per datapoint in nats (higher ELBO is better, smaller gaps are better);
 means come with standard errors over the datapoints.
+
+Under ``torchrun`` (:mod:`vi_lab.distributed`) :func:`score_proposal`,
+:func:`inference_gaps` and :func:`refinement_curve` split the datapoints across the
+processes: each runs the whole analysis on its contiguous share, alone, and every process
+gets the per-datapoint results of all of them in data order
+(:func:`vi_lab.evaluate.split_datapoints`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -39,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vi_lab import evaluate
+from vi_lab import distributed, evaluate
 from vi_lab.contract import check_pair
 from vi_lab.guides import GUIDES
 from vi_lab.guides.local import LOCAL_GUIDES, LocalFit, LocalGuide, make_local_guide, optimize_local
@@ -206,6 +213,9 @@ def score_proposal(model: Callable, guide: Callable, x: torch.Tensor, *args, num
     The ELBO is the mean of the log weights, log p̂(x) their log-mean-exp; sharing the
     draws makes their difference (a gap) less noisy than two independent estimates.
 
+    Under torchrun each process scores its share of the datapoints (k-hat included) and every
+    process returns all of them in data order; a local guide is scored by process 0 alone.
+
     :param model: Pyro model keeping the data-plate contract.
     :param guide: the proposal, amortized or local (a local guide gets its full batch).
     :param x: the N datapoints.
@@ -217,10 +227,16 @@ def score_proposal(model: Callable, guide: Callable, x: torch.Tensor, *args, num
         (default: :func:`vi_lab.evaluate.chunk_budget`).
     :returns: :class:`ProposalResult` of ``(N,)`` tensors.
     """
-    lw = evaluate.log_weights(model, guide, x, *args, num_samples=num_samples, memory_budget=memory_budget,
-                              batch_size=batch_size or max(1, x.shape[0]), progress=progress, **kwargs)  # (K, N)
-    return ProposalResult(elbo=lw.mean(0), log_px=lw.logsumexp(0) - math.log(num_samples),
-                          khat=pareto_khat(lw).to(lw.device))
+    bar = evaluate.share_progress(progress, "weights", evaluate.world_of(x))
+
+    def score(xs, /, *a, **kw):
+        lw = evaluate.log_weights(model, guide, xs, *a, num_samples=num_samples, memory_budget=memory_budget,
+                                  batch_size=batch_size or max(1, xs.shape[0]), progress=bar, **kw)  # (K, n)
+        return lw.mean(0), lw.logsumexp(0) - math.log(num_samples), pareto_khat(lw).to(lw.device)
+
+    elbo, log_px, khat = evaluate.split_datapoints(score, x, args, kwargs, whole=isinstance(guide, LocalGuide),
+                                                   what="the scoring of a proposal")
+    return ProposalResult(elbo=elbo, log_px=log_px, khat=khat)
 
 
 @dataclass
@@ -241,9 +257,19 @@ class GapReport:
     :ivar family: local family of q* (the amortized guide's own family).
     :ivar rich_family: local family of q*_rich.
     :ivar fits: :class:`~vi_lab.guides.local.LocalFit` per local optimization
-        (``"q_star"``, ``"q_star_rich"``): steps used and the convergence criterion.
+        (``"q_star"``, ``"q_star_rich"``): steps used and the convergence criterion. Under
+        data parallelism each process optimizes its own share, and the convergence rule
+        applies to each share's mean loss: ``fits`` then says the most steps any share took
+        and ``converged`` when every share's run met the rule (``losses`` is empty: the
+        shares' traces are in ``shard_fits``).
     :ivar num_samples: K, draws per datapoint for every ELBO and log p̂(x) here.
-    :ivar local_guides: the optimized local guides (not serialized), e.g. to reuse q*.
+    :ivar local_guides: the optimized local guides (not serialized), e.g. to reuse q*. Under
+        data parallelism: this process's own, for its rows
+        :func:`vi_lab.distributed.shard_bounds` of the N datapoints (with fewer datapoints than
+        processes: process 0's for all of them; the others have none).
+    :ivar shard_fits: under data parallelism, every process's own ``fits`` in rank order
+        (process ``r`` had the datapoints :func:`vi_lab.distributed.shard_bounds` gives it);
+        empty in one process.
     """
 
     label: str
@@ -260,6 +286,7 @@ class GapReport:
     num_samples: int
     seconds: float = float("nan")
     local_guides: dict[str, LocalGuide] = field(default_factory=dict, repr=False)
+    shard_fits: list[dict[str, LocalFit]] = field(default_factory=list, repr=False)
 
     @property
     def num_points(self) -> int:
@@ -316,9 +343,7 @@ class GapReport:
             "family": self.family,
             "rich_family": self.rich_family,
             "seconds": self.seconds,
-            "local_fits": {k: {"steps": f.steps, "converged": f.converged, "criterion": f.criterion,
-                               "final_loss": f.losses[-1] if f.losses else None}
-                           for k, f in self.fits.items()},
+            "local_fits": {k: self._fit_record(k) for k in self.fits},
             "khat_threshold": KHAT_THRESHOLD,
             "khat_share_above": self.khat_share_above(),
             "summary": self.summary(),
@@ -327,6 +352,21 @@ class GapReport:
             d["per_datapoint"] = {k: [None if not math.isfinite(x) else x for x in v.detach().double().cpu().tolist()]
                                   for k, v in self.per_datapoint().items()}
         return d
+
+    def _fit_record(self, name: str) -> dict[str, Any]:
+        """A local fit for JSON; under data parallelism with each share's, and the final loss of all the datapoints."""
+        def record(f: LocalFit) -> dict[str, Any]:
+            return {"steps": f.steps, "converged": f.converged, "criterion": f.criterion,
+                    "final_loss": f.losses[-1] if f.losses else None}
+
+        out = record(self.fits[name])
+        if self.shard_fits:
+            sizes = distributed.shard_sizes(self.num_points, len(self.shard_fits))
+            shares = [{"datapoints": n, **record(fits[name])} for n, fits in zip(sizes, self.shard_fits)]
+            if all(s["final_loss"] is not None for s in shares):  # each a mean over its share's datapoints
+                out["final_loss"] = sum(s["datapoints"] * s["final_loss"] for s in shares) / self.num_points
+            out["shares"] = [{k: v for k, v in s.items() if k != "criterion"} for s in shares]
+        return out
 
     def save_json(self, path: str | Path, per_datapoint: bool = True) -> Path:
         """Write :meth:`to_dict` to ``path``."""
@@ -464,6 +504,12 @@ def inference_gaps(
     :param label: the report's column name (default: the guide's family).
     :returns: :class:`GapReport`.
 
+    Under torchrun each process runs all of the above on its contiguous share of the
+    datapoints, alone (its local optimizations stop by the window rule on its share's mean
+    loss), and every process gets the same report: per-datapoint results in data order,
+    the ``"auto"`` proposal chosen by the mean ELBO over all datapoints, ``fits`` and
+    ``shard_fits`` as :class:`GapReport` says, ``seconds`` of the slowest process.
+
     Example::
 
         report = inference_gaps(vae, guide, x_test[:100], num_samples=5000)
@@ -472,6 +518,45 @@ def inference_gaps(
     """
     if proposal not in ("auto", *PROPOSALS):
         raise ValueError(f"unknown proposal {proposal!r}; valid: auto, {', '.join(PROPOSALS)}")
+    settings = dict(family=family, rich_family=rich_family, num_samples=num_samples, proposal=proposal,
+                    max_steps=max_steps, lr=lr, num_particles=num_particles, window=window, tol=tol, label=label)
+    return evaluate.split_datapoints(
+        lambda xs, /, *a, **kw: _gaps(model, guide, xs, *a, **settings, **kw), x, args, kwargs,
+        join=lambda local, gather: _join_reports(local, gather, proposal),
+        ship=lambda report: dataclasses.replace(report, local_guides={}), what="the gap analysis")
+
+
+def _best_proposal(elbos: dict[str, torch.Tensor]) -> str:
+    """The proposal with the highest mean ELBO (the first of equals, in :data:`PROPOSALS` order)."""
+    return max(elbos, key=lambda k: elbos[k].mean().item())
+
+
+def _join_reports(local: GapReport, gather: Callable[[torch.Tensor], torch.Tensor], proposal: str) -> GapReport:
+    """Every process's report of its share as one report of all the datapoints, the same on every process."""
+    shares = distributed.all_gather_object((local.fits, local.seconds), "the gap analysis's local fits")
+    elbos = {"q": gather(local.elbo_amortized), "q_star": gather(local.elbo_optimal)}
+    if local.elbo_rich is not None:
+        elbos["q_star_rich"] = gather(local.elbo_rich)
+    log_px = {k: gather(v) for k, v in local.log_px_by_proposal.items()}
+    chosen = _best_proposal({k: elbos[k] for k in log_px}) if proposal == "auto" else proposal
+    fits = {}
+    for name, fit in local.fits.items():
+        each = [share_fits[name] for share_fits, _ in shares]
+        fits[name] = LocalFit(
+            steps=max(f.steps for f in each), converged=all(f.converged for f in each), losses=[],
+            criterion=f"{fit.criterion}; run by each of {len(each)} processes on its own share of the datapoints "
+                      f"(steps: the most any share took; converged: every share met the rule)")
+    return dataclasses.replace(
+        local, log_px=log_px[chosen], elbo_amortized=elbos["q"], elbo_optimal=elbos["q_star"],
+        elbo_rich=elbos.get("q_star_rich"), khat={k: gather(v) for k, v in local.khat.items()},
+        log_px_by_proposal=log_px, proposal=chosen, fits=fits, seconds=max(sec for _, sec in shares),
+        shard_fits=[share_fits for share_fits, _ in shares])
+
+
+def _gaps(model: Callable, guide: nn.Module, x: torch.Tensor, *args, family: str | None, rich_family: str | None,
+          num_samples: int, proposal: str, max_steps: int, lr: float | Sequence[float], num_particles: int,
+          window: int, tol: float, label: str | None, **kwargs) -> GapReport:
+    """:func:`inference_gaps` in one process."""
     check_pair(model, guide, x, *args, **kwargs)  # the contract (and the data), before any optimization
     family = check_family(family or guide_family(guide), "family")
     if rich_family is not None:
@@ -501,7 +586,7 @@ def inference_gaps(
         else:
             scored[name] = score_proposal(model, local, x, *args, num_samples=num_samples, **kwargs)
     if proposal == "auto":
-        proposal = max(scored, key=lambda k: scored[k].elbo.mean().item())
+        proposal = _best_proposal({k: v.elbo for k, v in scored.items()})
     return GapReport(
         label=label or family,
         log_px=scored[proposal].log_px,
@@ -537,6 +622,9 @@ def refine(
     The returned local guide is q(z | x) for exactly these N points, better than the
     amortized one by part of the amortization gap; it works with every evaluator
     (pass ``batch_size >= N``) and as a proposal for importance sampling.
+
+    Under torchrun every process refines all N points itself (the guide is for exactly these
+    points; evaluators then use process 0's); :func:`refinement_curve` splits the datapoints.
 
     :param model: trained Pyro model (not updated).
     :param guide: amortized guide with ``get_posterior(x)``.
@@ -620,6 +708,8 @@ def refinement_curve(
 
     Each budget t is a fresh :func:`refine` run of t steps from the encoder's output (what
     a user with that budget would get), scored with ``num_samples`` draws per datapoint.
+    Under torchrun each process runs the curve on its share of the datapoints, alone, and every
+    process gets all the ELBOs in data order (``seconds``: the slowest process's, per budget).
 
     :param steps: step budgets, e.g. ``(0, 10, 100, 1000)``; 0 scores the amortized guide.
     :param report: the :class:`GapReport` of the same guide and points, for L[q*] and
@@ -639,6 +729,25 @@ def refinement_curve(
     family = family or (report.family if report is not None else None)
     if report is not None and report.num_points != x.shape[0]:
         raise ValueError(f"the report covers {report.num_points} datapoints but x has {x.shape[0]}")
+    label = label or (report.label if report is not None else guide_family(guide))
+    settings = dict(budgets=budgets, family=family, num_samples=num_samples, lr=lr, num_particles=num_particles,
+                    label=label)
+    curve = evaluate.split_datapoints(lambda xs, /, *a, **kw: _curve(model, guide, xs, *a, **settings, **kw),
+                                      x, args, kwargs, join=_join_curves, what="the refinement curve")
+    if report is None:
+        return curve
+    return dataclasses.replace(curve, elbo_optimal=report.elbo_optimal, log_px=report.log_px)
+
+
+def _join_curves(local: RefinementCurve, gather: Callable[[torch.Tensor], torch.Tensor]) -> RefinementCurve:
+    """Every process's curve of its share as one curve of all the datapoints, the same on every process."""
+    seconds = distributed.all_gather_object(local.seconds, "the refinement curve's timings")
+    return dataclasses.replace(local, elbo=[gather(e) for e in local.elbo], seconds=[max(s) for s in zip(*seconds)])
+
+
+def _curve(model: Callable, guide: nn.Module, x: torch.Tensor, *args, budgets: list[int], family: str | None,
+           num_samples: int, lr: float, num_particles: int, label: str, **kwargs) -> RefinementCurve:
+    """:func:`refinement_curve` in one process, without a report."""
     elbos, seconds = [], []
     for t in budgets:
         t0 = time.perf_counter()
@@ -648,10 +757,4 @@ def refinement_curve(
         elbos.append(evaluate.elbo(model, q, x, *args, num_samples=num_samples, batch_size=max(1, x.shape[0]),
                                    **kwargs))
         seconds.append(time.perf_counter() - t0)
-    return RefinementCurve(
-        label=label or (report.label if report is not None else guide_family(guide)),
-        steps=budgets, elbo=elbos,
-        elbo_optimal=report.elbo_optimal if report is not None else None,
-        log_px=report.log_px if report is not None else None,
-        seconds=seconds,
-    )
+    return RefinementCurve(label=label, steps=budgets, elbo=elbos, seconds=seconds)
