@@ -8,6 +8,9 @@ default it scores the run's own test split; ``--split train``, ``--dataset`` or
 ``--data PATH`` score other data of the same size per datapoint. Held-out data are
 binarized as the run's were (:func:`vi_lab.infer.heldout_binarized`). Writes
 ``RUN_DIR/eval_<data>_<split>_N<size>_K<K>_s<seed>.json`` (or ``--out FILE``).
+
+Under ``torchrun --nproc_per_node=N -m vi_lab eval RUN_DIR`` each process scores its share
+of the datapoints (process r draws from seed ``--seed`` + r) and process 0 prints and writes.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 import pyro
 import torch
 
-from vi_lab import runs
+from vi_lab import distributed, runs
 from vi_lab.checkpoint import load as load_checkpoint
 from vi_lab.commands import train
 from vi_lab.data import DATASETS, load_dataset
@@ -120,10 +123,12 @@ def load_run(run: str | Path, device: torch.device | str = "cpu") -> tuple[train
 
 def main(cfg: Config) -> dict:
     device = runs.setup(cfg.threads, cfg.device)
+    world, device = runs.setup_world(device)  # under torchrun: every process scores its share, rank 0 speaks
     run_cfg, model, guide = load_run(cfg.run, device)
     if cfg.out:
         out = Path(cfg.out)
-        out.parent.mkdir(parents=True, exist_ok=True)  # before the work, not after
+        # before the work, not after
+        distributed.main_decides(lambda: out.parent.mkdir(parents=True, exist_ok=True), "creating --out's directory")
     name = cfg.data or cfg.dataset or run_cfg.data or run_cfg.dataset
     ds = load_dataset(name, cfg.split, data_dir=cfg.data_dir or (run_cfg.data_dir if name == run_cfg.dataset else None),
                       device=device)
@@ -135,7 +140,7 @@ def main(cfg: Config) -> dict:
                          f"{ds.images.shape[1]}: score it on data of the run's size")
     mode = run_cfg.binarize or runs.default_binarization(run_cfg.likelihood)
     x = heldout_binarized(ds.images, mode, run_cfg.seed)  # binarized as the run's own test set was
-    pyro.set_rng_seed(cfg.seed)
+    pyro.set_rng_seed(cfg.seed + world.rank)  # processes draw apart for their different datapoints
     t0 = time.perf_counter()
     # ELBO, log p(x) and k-hat from the same K draws per datapoint
     scored = score_proposal(model, guide, x, num_samples=cfg.eval_samples, batch_size=cfg.batch_size,
@@ -152,10 +157,10 @@ def main(cfg: Config) -> dict:
         "log_likelihood": dict(zip(("mean", "sem"), runs.mean_sem(ll))),
         "khat_mean": finite.mean().item() if len(finite) else None,
         "khat_above_0.7": (finite > 0.7).double().mean().item() if len(finite) else None,
-        "seconds": seconds, "device": str(device), "guide": run_cfg.guide,
+        "seconds": seconds, "device": str(device), "world_size": world.size, "guide": run_cfg.guide,
         "units": "nats per datapoint (higher is better)", **runs.provenance(cfg),
     }
-    runs.write_json(out, result)
+    distributed.main_decides(lambda: runs.write_json(out, result), "writing the result")
     print(runs.format_table([
         (f"{cfg.run}: {run_cfg.guide} guide, D={run_cfg.latent_dim}", "nats per datapoint"),
         (f"ELBO ({ds.name} {cfg.split}, {len(ds)} datapoints)", f"{result['elbo']['mean']:.2f} +/- "

@@ -6,7 +6,9 @@ registered) this trains the same VAE (same decoder, seed, data and epochs; the m
 ``--num-points`` test images measures log p̂(x) (K = ``--eval-samples`` importance draws),
 L[q*_rich], L[q*] and L[q], the approximation and amortization gaps (Cremer, Li &
 Duvenaud, 2018, Table 2), the PSIS k-hat of the importance weights, and how much
-semi-amortized refinement closes the amortization gap after t steps.
+semi-amortized refinement closes the amortization gap after t steps. Under
+``torchrun --nproc_per_node=N -m vi_lab gaps`` the processes train together and split the
+test images among them; process 0 prints and writes.
 
 Run ``vi-lab gaps`` (or ``python examples/guide_swap_gaps.py``; defaults finish in under
 20 minutes on a 2-core CPU with ``--threads 1``) or ``vi-lab gaps --help``. Writes to
@@ -29,7 +31,7 @@ import pyro
 import torch
 
 import vi_lab
-from vi_lab import checkpoint, gaps, runs
+from vi_lab import checkpoint, distributed, gaps, runs
 from vi_lab.commands import train
 from vi_lab.guides import GUIDES
 from vi_lab.guides.local import LOCAL_GUIDES
@@ -168,11 +170,15 @@ def train_or_load(cfg: Config, name: str, data: runs.RunData, device: torch.devi
     """The trained pair for one family: a checkpoint in ``run_dir`` is resumed by fit() (restored as
     it is when it has ``cfg.epochs`` epochs, continued when it has fewer), else (or with
     --overwrite) the pair trains afresh."""
-    if cfg.overwrite:  # train afresh: the family's earlier checkpoint and log go
-        for stale in runs.RUN_FILES:
-            (run_dir / stale).unlink(missing_ok=True)
     path = run_dir / vi_lab.infer.CHECKPOINT_NAME
-    before = _epochs_reused(cfg, path)
+
+    def forget_or_check() -> int | None:
+        if cfg.overwrite:  # train afresh: the family's earlier checkpoint and log go
+            for stale in runs.RUN_FILES:
+                (run_dir / stale).unlink(missing_ok=True)
+        return _epochs_reused(cfg, path)
+
+    before = distributed.main_decides(forget_or_check, "checking the family's checkpoint")  # one answer for all
     pyro.set_rng_seed(cfg.seed)  # every family starts from the same decoder
     family = train.Config(latent_dim=cfg.latent_dim, hidden=cfg.hidden, arch=cfg.arch, guide=name)
     model, guide = train.build(family, data.x_train.shape[1])
@@ -199,7 +205,8 @@ def main(cfg: Config) -> dict:
     if problems:
         raise ValueError("; ".join(problems))
     device = runs.setup(cfg.threads, cfg.device)
-    out = runs.out_dir(cfg.out, reuse=True)  # its checkpoints are reused by design (train_or_load)
+    world, device = runs.setup_world(device)  # under torchrun: the processes share the work, rank 0 speaks
+    out = runs.claim_out_dir(cfg.out, reuse=True)  # its checkpoints are reused by design (train_or_load)
     ckpt_root = Path(cfg.checkpoints) if cfg.checkpoints else out
     data = runs.load_data(cfg.data or cfg.dataset, data_dir=cfg.data_dir, device=device, train_size=cfg.train_size,
                           eval_size=cfg.eval_size, binarization="dynamic", seed=cfg.seed)
@@ -238,6 +245,8 @@ def main(cfg: Config) -> dict:
         "seconds_total": seconds,
         **runs.provenance(cfg),
     }
+    if not world.main:
+        return record  # rank 0 writes and draws
     runs.write_json(out / "gaps.json", record)
     viz.save_gap_bars(reports, out / "gaps.png",
                       title=f"Inference gaps on {num_points} {data.name} test images ({cfg.epochs} epochs)")
