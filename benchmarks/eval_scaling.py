@@ -39,6 +39,7 @@ import torch
 import vi_lab
 from vi_lab import distributed, evaluate
 from vi_lab.data import binarize, load_dataset
+from vi_lab.reporting import write_json
 
 LATENT, HIDDEN = 20, [400]
 
@@ -116,6 +117,8 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before minutes of work, not after
 
     pyro.set_rng_seed(args.seed)
     model, guide = build()
@@ -147,8 +150,7 @@ def main() -> None:
               f"+/- {r['log_likelihood']['sem']:.2f} nats")
     print(f"  speed-up     {result['speedup']:.2f}x")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":
