@@ -506,6 +506,15 @@ def fit(
         estimator than ``trace`` with ``reparam``/``reinforce``/``relaxed``, a ``pyro.optim``
         optimizer, a pair that reads values back, no GPU) one :class:`vi_lab.capture.CaptureUnavailable`
         warning says why and training runs eagerly. See :mod:`vi_lab.capture`.
+    Under ``torchrun --nproc_per_node=N`` (:mod:`vi_lab.distributed`) the N processes train
+    one model: fit joins the process group itself (``gloo`` on a CPU, ``nccl`` on a GPU),
+    every process starts from rank 0's parameters, each takes its contiguous share of every
+    ``batch_size`` batch of rank 0's permutation, and one all-reduce per step makes the
+    gradient the whole batch's; the recorded numbers are the whole batch's; rank 0 alone
+    writes the checkpoint and metrics; a checkpoint resumes on any number of processes. A
+    process that dies makes the others raise :class:`vi_lab.distributed.PeerLost`, naming the
+    intact checkpoint. Pyro autoguides and ``capture`` are not combined with several processes.
+
     :returns: :class:`FitResult`; each history entry holds ``epoch``, ``samples_seen``,
         ``train_elbo`` (nats per datapoint, averaged since the previous entry), the loss's
         other terms (``model_loss``, ``guide_loss`` for wake-sleep), ``seconds``,
