@@ -148,13 +148,14 @@ def setup(threads: int | None = None, device: str | None = None) -> torch.device
 def setup_world(device: torch.device) -> tuple[distributed.World, torch.device]:
     """Join the run's processes when launched by torchrun; returns the world and this rank's device.
 
-    Ranks other than 0 print nothing (their standard output goes to ``os.devnull``; errors
-    still reach standard error): rank 0 speaks and writes for the run. Without torchrun:
+    Ranks other than 0 print nothing (their standard output goes to ``os.devnull``, their log
+    shows warnings only; errors still reach standard error): rank 0 speaks and writes for the run. Without torchrun:
     ``World()`` and ``device`` unchanged.
     """
     world = distributed.setup(device)
     if not world.main:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 says where the data came from
     return world, distributed.local_device(device, world)
 
 
