@@ -317,12 +317,14 @@ class GradientAverager:
                  terms: dict[str, float] | None = None) -> torch.Tensor:
         params = [p for _, p in sorted(named, key=lambda kv: kv[0])]
         keys = sorted(terms) if terms else []
-        device = loss.device
+        # where the gradients are (a loss read back by Pyro's own estimators is a CPU number,
+        # and nccl reduces GPU memory only)
+        device = params[0].device if params else loss.device
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         sizes = [p.numel() for p in params]
         flat = torch.cat([
             *((p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(device, dtype) for p in params),
-            loss.detach().reshape(1).to(dtype),
+            loss.detach().reshape(1).to(device, dtype),
             torch.tensor([terms[k] for k in keys], dtype=dtype, device=device),
         ]).mul_(self.weight)
         flags = torch.tensor([p.grad is not None for p in params], dtype=dtype, device=device)
@@ -330,10 +332,10 @@ class GradientAverager:
         total = sum(sizes)
         had = (flat[total + 1 + len(keys):] > 0).tolist()  # one read: which parameters any rank moved
         for p, piece, moved in zip(params, flat[:total].split(sizes), had):
-            p.grad = piece.view_as(p).to(p.dtype) if moved else None
+            p.grad = piece.view_as(p).to(p.device, p.dtype) if moved else None
         for j, k in enumerate(keys):
             terms[k] = float(flat[total + 1 + j])
-        return flat[total].to(loss.dtype)
+        return flat[total].to(loss.device, loss.dtype)
 
 
 __all__ = ["World", "PeerLost", "Stopped", "setup", "world", "launched", "local_device", "broadcast_",
