@@ -74,20 +74,29 @@ def test_every_estimator_trains_one_model_on_two_ranks(tmp_path):
     assert any(k.startswith("__baseline_avg") for k in r0["trace-reinforce_baseline-nn"]["checkpoint_shapes"])
 
 
-def test_resume_is_exact_on_as_many_ranks_and_works_on_one(tmp_path):
-    ranks.torchrun(2, str(SCRIPTS / "resume.py"), str(tmp_path))
-    for r in ranks.rank_results(tmp_path, 2):
-        assert _max_diff(r["straight"]["params"], r["resumed"]["params"]) == 0.0
-        assert [h["train_elbo"] for h in r["straight"]["history"]] == [h["train_elbo"] for h in r["resumed"]["history"]]
-    # the same checkpoint continues in one process (any number of processes)
-    state = checkpoint.load(tmp_path / "stopped" / "last.pt")
-    assert state["world_size"] == 2 and len(state["rng_ranks"]) == 2
+def _small_run(where: Path, epochs: int, resume: bool = False) -> vi_lab.infer.FitResult:
+    """What tests/ranked/resume.py trains, in this process."""
     torch.manual_seed(0)
     x = torch.rand(300, 16)
     model = vi_lab.VAE(4, [8], x_dim=16)
     guide = vi_lab.make_guide("mean_field", latent_dim=4, hidden=[8], x_dim=16)
-    result = vi_lab.fit(model, guide, x, epochs=4, batch_size=50, lr=1e-2, binarize="dynamic", seed=7,
-                        checkpoint_dir=tmp_path / "stopped", resume=True, progress=False)
+    return vi_lab.fit(model, guide, x, epochs=epochs, batch_size=50, lr=1e-2, binarize="dynamic", seed=7,
+                      checkpoint_dir=where, resume=resume, progress=False)
+
+
+def test_resume_is_exact_on_as_many_ranks_and_works_on_any_number(tmp_path):
+    single = _small_run(tmp_path / "single", 2)  # one process's checkpoint, continued on two below
+    ranks.torchrun(2, str(SCRIPTS / "resume.py"), str(tmp_path))
+    for r in ranks.rank_results(tmp_path, 2):
+        assert _max_diff(r["straight"]["params"], r["resumed"]["params"]) == 0.0
+        assert [h["train_elbo"] for h in r["straight"]["history"]] == [h["train_elbo"] for h in r["resumed"]["history"]]
+        elbos = [h["train_elbo"] for h in r["from_single"]["history"]]
+        assert len(elbos) == 3 and elbos[:2] == [h["train_elbo"] for h in single.history]
+    assert checkpoint.load(tmp_path / "single" / "last.pt")["world_size"] == 2  # rewritten by the 2 processes
+    # a checkpoint of two processes continues in one
+    state = checkpoint.load(tmp_path / "stopped" / "last.pt")
+    assert state["world_size"] == 2 and len(state["rng_ranks"]) == 2
+    result = _small_run(tmp_path / "stopped", 4, resume=True)
     assert [h["epoch"] for h in result.history] == [1, 2, 3, 4] and result.world_size == 1
     assert result.history[3]["train_elbo"] > result.history[0]["train_elbo"]
 

@@ -1,7 +1,8 @@
 """Run by tests/test_distributed.py under torchrun: ``resume.py OUT``.
 
 Trains 3 epochs without a stop, then 2 epochs and a resume to 3, on a small VAE with
-dynamic binarization (random draws in every step); saves both runs' parameters to
+dynamic binarization (random draws in every step); continues ``OUT/single`` (a run of one
+process, when there is one) to 3 epochs; saves the parameters and histories to
 ``OUT/rank{r}.pt``. The runs' directories stay for the test to resume on one process.
 """
 import sys
@@ -30,4 +31,6 @@ def run(where: Path, epochs: int, resume: bool = False) -> dict:
 
 saved = {"straight": run(out / "straight", 3), "first": run(out / "stopped", 2)}
 saved["resumed"] = run(out / "stopped", 3, resume=True)
+if (out / "single").is_dir():  # a checkpoint one process wrote, continued on these processes
+    saved["from_single"] = run(out / "single", 3, resume=True)
 torch.save(saved, out / f"rank{distributed.world().rank}.pt")
