@@ -60,6 +60,9 @@ def test_every_estimator_trains_one_model_on_two_ranks(tmp_path):
     """Every loss and estimator of fit: identical parameters on both ranks; per-position baselines checkpointed whole."""
     ranks.torchrun(2, str(SCRIPTS / "estimators.py"), str(tmp_path))
     r0, r1 = ranks.rank_results(tmp_path, 2)
+    (different, too_few), other = r0.pop("refusals"), r1.pop("refusals")
+    assert "different training data" in different and "rank 1: [192, 16]" in different
+    assert "fewer than the 2 processes" in too_few and [different, too_few] == other
     assert len(r0) == 9
     for name in r0:
         shared = {k: v for k, v in r0[name]["params"].items() if not k.startswith("__baseline_avg")}
@@ -69,8 +72,9 @@ def test_every_estimator_trains_one_model_on_two_ranks(tmp_path):
         # the global numbers, on every rank
         assert [h["train_elbo"] for h in r0[name]["history"]] == [h["train_elbo"] for h in r1[name]["history"]]
         for k, shape in r0[name]["checkpoint_shapes"].items():
-            if k.startswith("__baseline_avg"):  # one value per position of the 64-row batch, each rank's 32 joined
-                assert shape == (64,) and tuple(r0[name]["params"][k].shape) == (32,), name
+            if k.startswith("__baseline_avg"):  # one value per position of the 63-row batch, the ranks' 32 + 31 joined
+                assert shape == (63,), name
+                assert (tuple(r0[name]["params"][k].shape), tuple(r1[name]["params"][k].shape)) == ((32,), (31,))
     assert any(k.startswith("__baseline_avg") for k in r0["trace-reinforce_baseline-nn"]["checkpoint_shapes"])
 
 

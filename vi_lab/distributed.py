@@ -43,6 +43,10 @@ import torch.distributed as dist
 #: seconds a collective waits for the other ranks before failing (``VI_LAB_DIST_TIMEOUT`` overrides)
 DEFAULT_TIMEOUT = 600.0
 
+#: Pyro's decaying-average REINFORCE baselines (``pyro.param`` sites holding one value per batch
+#: position, replaced every step, never optimized): each rank holds its own positions' values
+PER_POSITION_PREFIX = "__baseline_avg_"
+
 
 class PeerLost(RuntimeError):
     """A collective failed: another process of the run died, was killed or cannot be reached."""
@@ -158,9 +162,10 @@ def setup(device: torch.device | str | None = None) -> World:
 
 
 def local_device(device: torch.device, w: World | None = None) -> torch.device:
-    """This rank's device: ``cuda`` becomes ``cuda:LOCAL_RANK`` under data parallelism."""
+    """This rank's device: under data parallelism any CUDA device (``cuda``, or ``cuda:0`` where
+    data was put before the process group existed) becomes ``cuda:LOCAL_RANK``."""
     w = w or world()
-    if w.parallel and device.type == "cuda" and device.index is None:
+    if w.parallel and device.type == "cuda":
         return torch.device("cuda", w.local_rank)
     return device
 
@@ -187,7 +192,7 @@ def _collective(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) ->
         w = world()
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise PeerLost(f"rank {w.rank} of {w.size}: {what} failed because another process of this run stopped or "
-                       f"cannot be reached ({first})") from err
+                       f"cannot be reached, or the processes disagree ({first})") from err
 
 
 def broadcast_(tensor: torch.Tensor, what: str = "broadcast") -> torch.Tensor:
@@ -245,6 +250,19 @@ def main_decides(fn: Callable[[], Any], what: str) -> Any:
     if outcome[0] == "error":
         raise outcome[1]
     return outcome[1]
+
+
+def main_first(fn: Callable[[], Any], what: str) -> Any:
+    """``fn()`` on rank 0, then on the other ranks (e.g. a download into a shared cache: once)."""
+    w = world()
+    if not w.parallel:
+        return fn()
+    if w.main:
+        result = fn()
+        barrier(what)
+        return result
+    barrier(what)
+    return fn()
 
 
 def barrier(what: str = "barrier") -> None:
@@ -315,7 +333,8 @@ class GradientAverager:
 
     def __call__(self, named: list[tuple[str, torch.Tensor]], loss: torch.Tensor,
                  terms: dict[str, float] | None = None) -> torch.Tensor:
-        params = [p for _, p in sorted(named, key=lambda kv: kv[0])]
+        # per-position baselines are each rank's own (and differ in size when shares do)
+        params = [p for name, p in sorted(named, key=lambda kv: kv[0]) if not name.startswith(PER_POSITION_PREFIX)]
         keys = sorted(terms) if terms else []
         # where the gradients are (a loss read back by Pyro's own estimators is a CPU number,
         # and nccl reduces GPU memory only)
@@ -340,4 +359,4 @@ class GradientAverager:
 
 __all__ = ["World", "PeerLost", "Stopped", "setup", "world", "launched", "local_device", "broadcast_",
            "broadcast_object", "all_gather_object", "all_reduce_sum_", "main_decides", "barrier", "shard_bounds",
-           "shard_sizes", "gather_rows", "shard_args", "GradientAverager", "timeout_seconds", "alone"]
+           "shard_sizes", "gather_rows", "shard_args", "GradientAverager", "timeout_seconds", "alone", "main_first", "PER_POSITION_PREFIX"]

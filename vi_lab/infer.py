@@ -176,19 +176,23 @@ def _apply_current_hyperparameters(optim: pyro.optim.PyroOptim | Adam, saved: di
             group.update({k: v for k, v in args.items() if k in group})
 
 
-#: Pyro's decaying-average baselines: one value per batch position, so under data parallelism
-#: each rank holds its part of the batch's (see :func:`_gathered_params`)
-PER_POSITION_PREFIX = "__baseline_avg_"
+PER_POSITION_PREFIX = distributed.PER_POSITION_PREFIX
 
 
 def _gathered_params(world: distributed.World) -> dict[str, torch.Tensor]:
-    """The param store as one process would hold it: per-position baselines joined over ranks (last dim)."""
+    """The param store as one process would hold it: per-position baselines joined over ranks (last dim).
+
+    A rank's losses are per datapoint of its own share, so its baselines are in units of its
+    share (cost / n_rank); joined, they are put in the whole batch's units (cost / n_batch),
+    as one process keeps them (:func:`_restore` converts back).
+    """
     store = pyro.get_param_store()
     params = {k: v.detach().clone() for k, v in store._params.items()}
     if world.parallel:
         for name in sorted(k for k in params if k.startswith(PER_POSITION_PREFIX)):
             parts = distributed.all_gather_object(params[name].cpu(), "the gather of baseline averages")
-            params[name] = torch.cat(parts, dim=-1).to(params[name].device)
+            total = sum(p.shape[-1] for p in parts)
+            params[name] = torch.cat([p * (p.shape[-1] / total) for p in parts], dim=-1).to(params[name].device)
     return params
 
 
@@ -233,10 +237,11 @@ def _restore(state: dict[str, Any], model, guide, optim, step: TrainStep, first_
     saved = state["param_store"]
     world = distributed.world()
     for name, value in saved["params"].items():
-        if name.startswith(PER_POSITION_PREFIX) and world.parallel:
+        per_position = name.startswith(PER_POSITION_PREFIX)
+        if per_position and world.parallel:
             lo, hi = distributed.shard_bounds(value.shape[-1], world)  # this rank's batch positions
-            value = value[..., lo:hi]
-        if name in store._params and store._params[name].shape == value.shape:
+            value = value[..., lo:hi] * (value.shape[-1] / (hi - lo))  # in its share's units
+        if name in store._params and not (per_position and store._params[name].shape != value.shape):
             with torch.no_grad():
                 store._params[name].copy_(value)
         else:
@@ -547,7 +552,7 @@ def fit(
     d = _prepare_data(model, guide, data, eval_data, device, binarize, seed)
     x, extra, transform, world = d.x, d.extra, d.transform, d.world
     if world.parallel:
-        _check_parallel(guide, batch_size, world)
+        _check_parallel(guide, batch_size, x.shape[0], world)
     train_step = training_step(model, guide, loss=loss, estimator=estimator, baseline=baseline, lr=lr,
                                optimizer=optimizer, num_particles=num_particles, x_dim=x[0].numel(),
                                device=d.device, seed=seed)
@@ -591,6 +596,8 @@ def fit(
     label = "own" if own_loss else estimator if isinstance(estimator, str) else est.estimator.label
     settings = _settings(_loss_label(loss), label, baseline, num_particles, batch_size, binarize, x)
     settings.update(lr=lr if optimizer is None else None, seed=seed)  # recorded, free to change on resume
+    if world.parallel:
+        _check_same_data(settings["data"])
 
 
     start_epoch, history, partial = _begin(resume, ckpt_path, metrics_path, door, settings, model, guide, optim,
@@ -618,8 +625,8 @@ def fit(
     def save(epoch: int, partial: _Tally | None = None) -> None:
         nonlocal saved_epoch
         state = _state(model, guide, optim, epoch, history, settings, partial, world)  # every rank: it gathers
-        if world.main:
-            ckpt.save_atomic(state, ckpt_path)
+        # rank 0 writes; a failure (disk full) is raised on every rank, and no rank moves on before it is written
+        distributed.main_decides(lambda: ckpt.save_atomic(state, ckpt_path), "writing the checkpoint")
         saved_epoch = epoch
 
     def record(epoch: int) -> None:
@@ -699,11 +706,21 @@ def fit(
                      world_size=world.size, backend=world.backend)
 
 
-def _check_parallel(guide, batch_size: int, world: distributed.World) -> None:
+def _check_same_data(mine: dict[str, Any]) -> None:
+    """Every process must hold the whole, same data (fit shares it out); raised on every rank when not."""
+    datas = distributed.all_gather_object(mine, "the comparison of the training data")
+    if not all(_same("data", datas[0], d) for d in datas):
+        shown = "; ".join(f"rank {r}: {d['shape']} (sum {d['sum']:.6g})" for r, d in enumerate(datas))
+        raise ValueError(f"the {len(datas)} processes were given different training data ({shown}); give every "
+                         f"process all of it, the same: fit cuts each batch into the processes' shares itself")
+
+
+def _check_parallel(guide, batch_size: int, num_data: int, world: distributed.World) -> None:
     """Refuse what data parallelism cannot do, before anything runs."""
-    if batch_size < world.size:
-        raise ValueError(f"batch_size={batch_size} is smaller than the {world.size} processes training together: "
-                         f"each takes a part of every batch; use batch_size >= {world.size} (the global batch)")
+    if min(batch_size, num_data) < world.size:
+        what = f"batch_size={batch_size}" if batch_size <= num_data else f"the data's {num_data} rows"
+        raise ValueError(f"{what} is fewer than the {world.size} processes training together: each takes a part of "
+                         f"every batch; use batch_size >= {world.size} (the global batch) and at least as many rows")
     if isinstance(guide, AutoGuide):
         raise ValueError(f"{type(guide).__name__} keeps one row of parameters per batch position, and under data "
                          f"parallelism each of the {world.size} processes sees other rows; train it in one process, "

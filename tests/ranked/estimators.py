@@ -32,11 +32,24 @@ for loss, est, baseline, particles in COMBOS:
         from vi_lab.guides import CategoricalGuide
         from vi_lab.models.discrete import CategoricalVAE
         model, guide = CategoricalVAE(3, (8,), x_dim=16), CategoricalGuide.make(3, hidden=(8,), x_dim=16)
+    # an odd batch: shares of 32 and 31 rows
     r = vi_lab.fit(model, guide, x, loss=loss, estimator=est, baseline=baseline, num_particles=particles, epochs=1,
-                   batch_size=64, lr=1e-2, progress=False, checkpoint_dir=out / name)
+                   batch_size=63, lr=1e-2, progress=False, checkpoint_dir=out / name)
     distributed.barrier()  # rank 0's checkpoint is written
     state = checkpoint.load(out / name / "last.pt")
     saved[name] = {"params": {k: v.detach().clone() for k, v in pyro.get_param_store().items()},
                    "history": r.history,
                    "checkpoint_shapes": {k: tuple(v.shape) for k, v in state["param_store"]["params"].items()}}
+# refused on every rank, each with the same message: data that differs between processes, too few rows
+refusals = []
+for data, batch in ((x + rank, 64), (x[:1], 64)):
+    pyro.set_rng_seed(3)
+    model = vi_lab.VAE(4, [8], x_dim=16)
+    guide = vi_lab.make_guide("mean_field", latent_dim=4, hidden=[8], x_dim=16)
+    try:
+        vi_lab.fit(model, guide, data, epochs=1, batch_size=batch, progress=False)
+        refusals.append(None)
+    except ValueError as err:
+        refusals.append(str(err))
+saved["refusals"] = refusals
 torch.save(saved, out / f"rank{rank}.pt")

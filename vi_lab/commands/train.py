@@ -123,8 +123,10 @@ def main(cfg: Config) -> dict:
     out = runs.claim_out_dir(cfg.out, cfg.resume, overwrite=cfg.overwrite)
     distributed.main_decides(lambda: runs.record_config(out, cfg, cfg.resume), "checking the run's options")
     mode = cfg.binarize or runs.default_binarization(cfg.likelihood)
-    data = runs.load_data(cfg.data or cfg.dataset, data_dir=cfg.data_dir, device=device, train_size=cfg.train_size,
-                          eval_size=cfg.eval_size, binarization=mode, seed=cfg.seed)
+    data = distributed.main_first(  # rank 0 first: a download into a shared cache happens once
+        lambda: runs.load_data(cfg.data or cfg.dataset, data_dir=cfg.data_dir, device=device,
+                               train_size=cfg.train_size, eval_size=cfg.eval_size, binarization=mode, seed=cfg.seed),
+        "loading the data")
     x_train, x_test, source = data.x_train, data.x_test, data.source
     pyro.set_rng_seed(cfg.seed)  # --seed fixes the initial weights too, not only training
     model, guide = build(cfg, x_train.shape[1])
