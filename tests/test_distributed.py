@@ -176,3 +176,14 @@ def test_a_killed_rank_ends_the_run_with_a_clear_error_and_an_intact_checkpoint(
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["epochs"] == state["epoch"] + 1
+
+
+@pytest.mark.parametrize("command", ["compare", "estimators", "em", "wake-sleep", "cvae", "autoencoders"])
+def test_single_process_commands_refuse_a_torchrun_launch(command, monkeypatch, tmp_path):
+    from vi_lab import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun --nproc_per_node=2 sets
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=f"vi-lab {command} runs in one process, but torchrun started 2"):
+        cli.main([command, str(tmp_path)] if command == "compare" else [command, "--epochs", "1"])
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -78,6 +78,7 @@ def rows_of(run: str | Path) -> list[dict[str, Any]]:
 
 
 def main(cfg: Config) -> list[dict[str, Any]]:
+    runs.one_process("compare")
     rows: list[dict[str, Any]] = []
     for run in cfg.runs:
         try:
