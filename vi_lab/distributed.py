@@ -271,30 +271,34 @@ def barrier(what: str = "barrier") -> None:
         _collective(what, dist.barrier)
 
 
-def shard_bounds(n: int, w: World | None = None) -> tuple[int, int]:
-    """Rows ``[lo, hi)`` of ``n`` that this rank takes: contiguous, sizes differing by at most one,
-    rank 0 first (as ``torch.tensor_split`` cuts them)."""
-    w = w or world()
-    base, extra = divmod(n, w.size)
-    lo = w.rank * base + min(w.rank, extra)
-    return lo, lo + base + (1 if w.rank < extra else 0)
-
-
 def shard_sizes(n: int, size: int) -> list[int]:
-    """Rows each of ``size`` ranks takes from ``n`` (:func:`shard_bounds`)."""
+    """Rows each of ``size`` ranks takes from ``n``: sizes differing by at most one, the larger
+    first (as ``torch.tensor_split`` cuts them)."""
     base, extra = divmod(n, size)
     return [base + (1 if r < extra else 0) for r in range(size)]
+
+
+def shard_bounds(n: int, w: World | None = None) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of ``n`` that this rank takes: its contiguous share (:func:`shard_sizes`), rank 0 first."""
+    w = w or world()
+    sizes = shard_sizes(n, w.size)
+    lo = sum(sizes[: w.rank])
+    return lo, lo + sizes[w.rank]
 
 
 def gather_rows(local: torch.Tensor, n: int, what: str = "gather of per-datapoint results") -> torch.Tensor:
     """Per-datapoint results of every rank's shard joined in data order: ``(..., n_rank)`` -> ``(..., n)``.
 
     The datapoints are on the last dimension (as every evaluator returns them); rank ``r``
-    holds rows :func:`shard_bounds` of ``n``. Every rank gets the whole result.
+    holds rows :func:`shard_bounds` of ``n``. Every rank gets the whole result, on ``local``'s
+    device (nccl moves GPU memory only: a CPU tensor travels through this rank's GPU).
     """
     w = world()
     if not w.parallel:
         return local
+    if w.backend == "nccl" and local.device.type != "cuda":
+        here = torch.device("cuda", torch.cuda.current_device())
+        return gather_rows(local.to(here), n, what).to(local.device)
     sizes = shard_sizes(n, w.size)
     if local.shape[-1] != sizes[w.rank]:
         raise ValueError(f"rank {w.rank} holds {local.shape[-1]} results but its shard of {n} has {sizes[w.rank]}")

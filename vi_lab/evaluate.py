@@ -369,8 +369,7 @@ def chunk_plan(model: Callable, guide: Callable, x: torch.Tensor, *args, num_sam
 def world_of(x: Any) -> distributed.World:
     """The :class:`~vi_lab.distributed.World` of work on ``x``, joining torchrun's process group first
     (:func:`vi_lab.distributed.setup` on ``x``'s device: ``nccl`` for CUDA data, else ``gloo``)."""
-    distributed.setup(x.device if torch.is_tensor(x) else None)
-    return distributed.world()
+    return distributed.setup(x.device if torch.is_tensor(x) else None)
 
 
 def split_datapoints(fn: Callable[..., Any], x: torch.Tensor, args: tuple = (), kwargs: dict | None = None, *,
@@ -420,17 +419,7 @@ def split_datapoints(fn: Callable[..., Any], x: torch.Tensor, args: tuple = (), 
         return _on_main(lambda: fn(x, *args, **kwargs), x.device, ship or (lambda r: r), what)
     local = _on_shard(fn, x, args, kwargs, what)
     n = x.shape[0]
-    return (join or _gather_each)(local, lambda t: gather_datapoints(t, n, f"the gather of {what}"))
-
-
-def gather_datapoints(local: torch.Tensor, n: int, what: str = "the gather of per-datapoint results") -> torch.Tensor:
-    """:func:`vi_lab.distributed.gather_rows` (``(..., n_rank)`` -> ``(..., n)`` on every process), also
-    for a CPU tensor when the process group is ``nccl``'s (which moves GPU memory only)."""
-    w = distributed.world()
-    if w.parallel and w.backend == "nccl" and local.device.type != "cuda":
-        here = torch.device("cuda", torch.cuda.current_device())
-        return distributed.gather_rows(local.to(here), n, what).to(local.device)
-    return distributed.gather_rows(local, n, what)
+    return (join or _gather_each)(local, lambda t: distributed.gather_rows(t, n, f"the gather of {what}"))
 
 
 def _gather_each(local: Any, gather: Callable[[torch.Tensor], torch.Tensor]) -> Any:

@@ -176,9 +176,6 @@ def _apply_current_hyperparameters(optim: pyro.optim.PyroOptim | Adam, saved: di
             group.update({k: v for k, v in args.items() if k in group})
 
 
-PER_POSITION_PREFIX = distributed.PER_POSITION_PREFIX
-
-
 def _gathered_params(world: distributed.World) -> dict[str, torch.Tensor]:
     """The param store as one process would hold it: per-position baselines joined over ranks (last dim).
 
@@ -189,7 +186,7 @@ def _gathered_params(world: distributed.World) -> dict[str, torch.Tensor]:
     store = pyro.get_param_store()
     params = {k: v.detach().clone() for k, v in store._params.items()}
     if world.parallel:
-        for name in sorted(k for k in params if k.startswith(PER_POSITION_PREFIX)):
+        for name in sorted(k for k in params if k.startswith(distributed.PER_POSITION_PREFIX)):
             parts = distributed.all_gather_object(params[name].cpu(), "the gather of baseline averages")
             total = sum(p.shape[-1] for p in parts)
             params[name] = torch.cat([p * (p.shape[-1] / total) for p in parts], dim=-1).to(params[name].device)
@@ -197,9 +194,8 @@ def _gathered_params(world: distributed.World) -> dict[str, torch.Tensor]:
 
 
 def _state(model, guide, optim, epoch: int, history: list, settings: dict[str, Any],
-           tally: "_Tally | None" = None, world: distributed.World | None = None) -> dict[str, Any]:
+           tally: "_Tally | None", world: distributed.World) -> dict[str, Any]:
     """What a checkpoint holds; under data parallelism every rank calls it (it gathers), rank 0 writes it."""
-    world = world or distributed.World()
     store = pyro.get_param_store()
     return {
         "epoch": epoch,
@@ -237,7 +233,7 @@ def _restore(state: dict[str, Any], model, guide, optim, step: TrainStep, first_
     saved = state["param_store"]
     world = distributed.world()
     for name, value in saved["params"].items():
-        per_position = name.startswith(PER_POSITION_PREFIX)
+        per_position = name.startswith(distributed.PER_POSITION_PREFIX)
         if per_position and world.parallel:
             lo, hi = distributed.shard_bounds(value.shape[-1], world)  # this rank's batch positions
             value = value[..., lo:hi] * (value.shape[-1] / (hi - lo))  # in its share's units
@@ -622,7 +618,7 @@ def fit(
     next_mark = 0 if marks is None else sum(m <= seen for m in marks)
     tally = _Tally(partial if marks is not None else None)
 
-    def save(epoch: int, partial: _Tally | None = None) -> None:
+    def save(epoch: int, partial: _Tally | None = None) -> None:  # partial: with record_at, the averages so far
         nonlocal saved_epoch
         state = _state(model, guide, optim, epoch, history, settings, partial, world)  # every rank: it gathers
         # rank 0 writes; a failure (disk full) is raised on every rank, and no rank moves on before it is written
@@ -792,7 +788,7 @@ def _share_parameters(model, guide) -> None:
     store = pyro.get_param_store()
     with torch.no_grad():
         for name in sorted(store._params):
-            if not name.startswith(PER_POSITION_PREFIX):
+            if not name.startswith(distributed.PER_POSITION_PREFIX):
                 distributed.broadcast_(store._params[name].data, "the share of the initial parameters")
         for m in _modules(model, guide):
             for b in m.buffers():
