@@ -114,15 +114,42 @@ def log_weight_terms(
     """
     if nesting is None:
         nesting = max_plate_nesting(model, guide, x, *args, **kwargs)
-    batch = x.shape[0]
+    guide_trace, model_trace = particle_traces(model, guide, x, *args, num_samples=num_samples, nesting=nesting,
+                                               **kwargs)
+    return LogWeightTerms(*latent_sums(model_trace, guide_trace, nesting, x.new_zeros(num_samples, x.shape[0])))
+
+
+def particle_traces(model: Callable, guide: Callable, x: torch.Tensor, *args, num_samples: int, nesting: int,
+                    replay_with: Callable[[poutine.Trace], poutine.Trace] | None = None,
+                    expose_params: bool = False, **kwargs) -> tuple[poutine.Trace, poutine.Trace]:
+    """``(guide_trace, model_trace)``: K draws per datapoint from the guide, the model replayed against them.
+
+    The particle plate sits left of the pair's ``nesting`` plates; subsample sites are pruned.
+
+    :param replay_with: ``guide_trace -> trace`` the model is replayed against instead of the
+        guide's own (the DReG objective hands the model hooked copies of the draws).
+    :param expose_params: let the parameter sites through to outer handlers (a training step
+        finds the parameters it updates by tracing them).
+    """
     # block outermost: the particle plate must see (and broadcast) every site inside it
-    with poutine.block(), pyro.plate("_vi_lab_particles", num_samples, dim=-(nesting + 1)):
+    blocked = poutine.block(expose_types=["param"]) if expose_params else poutine.block()
+    with blocked, pyro.plate("_vi_lab_particles", num_samples, dim=-(nesting + 1)):
         guide_trace = poutine.trace(guide).get_trace(x, *args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, *args, **kwargs)
+        replayed = guide_trace if replay_with is None else replay_with(guide_trace)
+        model_trace = poutine.trace(poutine.replay(model, trace=replayed)).get_trace(x, *args, **kwargs)
     # a plate's subsample site is bookkeeping, not a latent: Pyro's ELBOs prune it too (its
     # zero log-density is a CPU tensor, which would pull the weights off a GPU)
-    guide_trace, model_trace = prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
-    zero = x.new_zeros(num_samples, batch)
+    return prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
+
+
+def latent_sums(model_trace: poutine.Trace, guide_trace: poutine.Trace, nesting: int, zero: torch.Tensor,
+                scaled: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(log_lik, log_prior, log_q)`` of :func:`particle_traces`' traces, each ``(K, B)``.
+
+    :param zero: a ``(K, B)`` zero tensor on the data's device.
+    :param scaled: apply each site's scale (a training objective's site scales and KL weight;
+        the evaluators leave them out).
+    """
     log_lik, log_prior, log_q = zero, zero, zero
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample":
@@ -132,15 +159,15 @@ def log_weight_terms(
             # log p(z) - log q(z) cancels, so neither term enters the weight (check_pair has
             # refused latents marked for enumeration, which are not drawn)
             continue
-        lp = site_log_prob(site, nesting + 1)
+        lp = site_log_prob(site, nesting + 1, scaled)
         if site["is_observed"]:
             log_lik = log_lik + lp
         else:
             log_prior = log_prior + lp
     for site in guide_trace.nodes.values():
         if site["type"] == "sample" and not site["is_observed"]:
-            log_q = log_q + site_log_prob(site, nesting + 1)
-    return LogWeightTerms(log_lik, log_prior, log_q)
+            log_q = log_q + site_log_prob(site, nesting + 1, scaled)
+    return log_lik, log_prior, log_q
 
 
 def _slice_args(args: tuple, kwargs: dict, n: int, idx: slice) -> tuple[tuple, dict]:

@@ -24,6 +24,7 @@ from vi_lab.contract import check_data, check_pair, check_row_shape, check_suppo
 from vi_lab.data import BINARIZATIONS, DeviceBatches, binarize as binarize_fn, check_unit_interval
 from vi_lab.device import resolve_device
 from vi_lab.estimators import Estimator, prepare as prepare_estimator
+from vi_lab.importance import OBJECTIVES
 from vi_lab.objectives import LOSSES, make_loss, training_objective  # noqa: F401 (re-exported: vi_lab.infer.LOSSES)
 from vi_lab.optim import Adam
 from vi_lab.capture import CaptureRun, CaptureUnavailable
@@ -59,7 +60,8 @@ class TrainingUnstable(UserWarning):
 EXPLOSION_FACTOR = 100.0
 
 #: fit() settings a resumed run must share with its checkpoint (lr and epochs may change)
-FIXED_ON_RESUME = ("loss", "estimator", "baseline", "num_particles", "batch_size", "binarize", "data")
+FIXED_ON_RESUME = ("loss", "objective", "kl_warmup", "estimator", "baseline", "num_particles", "batch_size",
+                   "binarize", "data")
 
 
 @dataclass
@@ -279,8 +281,17 @@ class _OwnLoss:
     fixed_batch: bool = False
 
 
-def _objective(guide, loss, estimator, baseline, num_particles: int, x_dim: int, dev, seed: int):
+def _objective(guide, loss, estimator, baseline, num_particles: int, x_dim: int, dev, seed: int,
+               objective: str = "elbo"):
     """The guide the step runs and the objective: an estimator made concrete for an ELBO, else the loss itself."""
+    if objective != "elbo":
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; valid: elbo, {', '.join(OBJECTIVES)}")
+        if loss != "trace" or estimator != "reparam" or baseline is not None:
+            raise ValueError(f"objective={objective!r} is its own loss with reparameterized gradients: leave loss "
+                             f"('trace'), estimator ('reparam') and baseline (None) at their defaults, got "
+                             f"loss={_loss_label(loss)!r}, estimator={estimator!r}, baseline={baseline!r}")
+        return _OwnLoss(guide, OBJECTIVES[objective](num_particles))
     resolved = make_loss(loss, num_particles) if isinstance(loss, str) else loss
     if isinstance(resolved, ELBO):
         # one lookup in vi_lab.estimators.ESTIMATORS: the Pyro objective and the guide it runs
@@ -298,7 +309,7 @@ def _objective(guide, loss, estimator, baseline, num_particles: int, x_dim: int,
 def training_step(model: Callable, guide: Callable, *, loss: str | ELBO | Callable = "trace",
                   estimator: str | Estimator = "reparam", baseline: str | None = None, lr: float = 1e-3,
                   optimizer: Any = None, num_particles: int = 1, x_dim: int | None = None,
-                  device: torch.device | str | None = None, seed: int = 0) -> TrainStep:
+                  device: torch.device | str | None = None, seed: int = 0, objective: str = "elbo") -> TrainStep:
     """The training step :func:`fit` runs for these settings (same arguments as fit's).
 
     ``benchmarks/step_time.py`` times this object against a hand-written PyTorch step.
@@ -309,7 +320,7 @@ def training_step(model: Callable, guide: Callable, *, loss: str | ELBO | Callab
         step = training_step(model, guide, lr=1e-3, x_dim=784)
         loss = step(x_batch)  # a 0-dim tensor: the batch's -ELBO per datapoint, after one update
     """
-    est = _objective(guide, loss, estimator, baseline, num_particles, x_dim, device, seed)
+    est = _objective(guide, loss, estimator, baseline, num_particles, x_dim, device, seed, objective)
     step = TrainStep(model, est.guide, est.loss, make_optimizer(lr, optimizer), getattr(model, "site_scales", None))
     step.estimator = est
     return step
@@ -415,6 +426,8 @@ def fit(
     data: Any,
     *,
     loss: str | ELBO | Callable = "trace",
+    objective: str = "elbo",
+    kl_warmup: float = 0,
     estimator: str | Estimator = "reparam",
     baseline: str | None = None,
     epochs: int = 10,
@@ -458,6 +471,17 @@ def fit(
         ``"rws"``), any ``pyro.infer.ELBO`` instance, or a callable
         ``loss(model, guide, *args) -> tensor`` that may leave its monitored numbers in a
         ``terms`` dict (as :class:`vi_lab.wake_sleep.ReweightedWakeSleep` does).
+    :param objective: ``"elbo"`` (train ``loss``), or a tighter bound of
+        :data:`vi_lab.importance.OBJECTIVES`: ``"iwae"``, the ``num_particles``-sample
+        importance-weighted bound per datapoint (Burda et al., 2016; K = 1 is the ELBO), or
+        ``"dreg"``, the same bound with the doubly-reparameterized guide gradient (Tucker et al.,
+        2019). Both need reparameterized guide sites; ``train_bound`` joins the history (its
+        ``train_elbo`` is the mean log weight of the same draws).
+    :param kl_warmup: epochs over which the weight of the latent sites (``log p(z)`` and
+        ``log q(z | x)``, so the KL term of the ELBO) rises linearly from 0 to 1, step by step
+        (Bowman et al., 2016; Sonderby et al., 2016; the setup of Cremer et al., 2018); 0: none.
+        The weight multiplies a beta-VAE's beta; ``kl_weight`` joins the history, and during the
+        warm-up ``train_elbo`` is the weighted objective (``test_elbo`` is always the true ELBO).
     :param estimator: gradient estimator of an ELBO, a key of
         :data:`vi_lab.estimators.ESTIMATORS` (``"reparam"``, ``"reinforce"``,
         ``"reinforce_baseline"``, ``"relaxed"``, ``"enum"``) or a
@@ -545,20 +569,25 @@ def fit(
         raise ValueError(f"progress must be True, False or 'epochs', got {progress!r}")
     if not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
+    if isinstance(kl_warmup, bool) or not isinstance(kl_warmup, (int, float)) or not 0 <= kl_warmup < math.inf:
+        raise ValueError(f"kl_warmup must be a number of epochs >= 0 (0: no warm-up), got {kl_warmup!r}")
     d = _prepare_data(model, guide, data, eval_data, device, binarize, seed)
     x, extra, transform, world = d.x, d.extra, d.transform, d.world
     if world.parallel:
         _check_parallel(guide, batch_size, x.shape[0], world)
     train_step = training_step(model, guide, loss=loss, estimator=estimator, baseline=baseline, lr=lr,
                                optimizer=optimizer, num_particles=num_particles, x_dim=x[0].numel(),
-                               device=d.device, seed=seed)
+                               device=d.device, seed=seed, objective=objective)
     est, optim = train_step.estimator, train_step.optim
-    own_loss = isinstance(est, _OwnLoss)
+    own_loss = isinstance(est, _OwnLoss) and objective == "elbo"  # a loss with its own gradients, no KL weight
     averager = distributed.GradientAverager() if world.parallel else None
     train_step.reduce = averager
     if own_loss and getattr(model, "site_scales", None):
         raise ValueError(f"loss {_loss_label(loss)} has no KL term to weight: site scales {model.site_scales} "
                          "(beta) apply to ELBO losses only; build the model with beta=1")
+    if own_loss and kl_warmup:
+        raise ValueError(f"loss {_loss_label(loss)} has no KL term to warm up: kl_warmup applies to the ELBO and the "
+                         f"importance-weighted objectives; leave kl_warmup=0")
     # Pyro keeps a decaying-average baseline per batch position: batches must not change size
     batches = DeviceBatches(x, batch_size, shuffle=True, transform=transform, extra=extra,
                             drop_last=est.fixed_batch and x.shape[0] >= batch_size, world=world)
@@ -580,7 +609,7 @@ def fit(
         lo, hi = distributed.shard_bounds(min(batch_size, x.shape[0]), world)  # this rank's part of it
         x0 = transform(x[lo:hi]) if transform is not None else x[lo:hi]
         first = (x0, extra[lo:hi]) if extra is not None else (x0,)
-        enumerated_ok = not own_loss and isinstance(est.loss, TraceEnum_ELBO)
+        enumerated_ok = not isinstance(est, _OwnLoss) and isinstance(est.loss, TraceEnum_ELBO)
         pair = check_pair(model, guide, *first, enumerated_ok=enumerated_ok, what="data")
         _check_module_lrs(optim)  # the pair's networks are registered now
         if transform is None:
@@ -591,6 +620,7 @@ def fit(
 
     label = "own" if own_loss else estimator if isinstance(estimator, str) else est.estimator.label
     settings = _settings(_loss_label(loss), label, baseline, num_particles, batch_size, binarize, x)
+    settings.update(objective=objective, kl_warmup=kl_warmup)
     settings.update(lr=lr if optimizer is None else None, seed=seed)  # recorded, free to change on resume
     if world.parallel:
         _check_same_data(settings["data"])
@@ -605,6 +635,10 @@ def fit(
     modules = _modules(model, guide)
     for m in modules:
         m.zero_grad(set_to_none=True)  # stale gradients would bend the first step
+    if capture and kl_warmup:
+        warnings.warn("capture=True: the KL warm-up changes the step's weights every step, which a recorded CUDA "
+                      "graph cannot; training eagerly instead", CaptureUnavailable, stacklevel=2)
+        capture = False
     if capture and world.parallel:
         warnings.warn(f"capture=True: data-parallel training ({world.size} processes) is not captured; training "
                       f"eagerly instead", CaptureUnavailable, stacklevel=2)
@@ -631,6 +665,8 @@ def fit(
         # CPU seconds beside wall seconds: on a shared machine wall time alone misleads
         entry: dict[str, Any] = {"epoch": epoch, "samples_seen": seen, **tally.means(),
                                  "seconds": seconds, "cpu_seconds": cpu_seconds}
+        if kl_warmup:
+            entry["kl_weight"] = train_step.latent_weight.value
         _warn_if_exploding(entry, reference, history, optimizer is None and lr)
         if d.eval_x is not None:
             for m in modules:
@@ -667,6 +703,9 @@ def fit(
                 seen += n
                 if averager is not None:
                     averager.weight = args[0].shape[0] / n
+                if kl_warmup:  # linear in steps taken, so a resumed run continues the same schedule
+                    taken = (epoch - 1) * len(batches) + step
+                    train_step.latent_weight.value = min(1.0, taken / (kl_warmup * len(batches)))
                 value = _step(run_step, args, model, guide, where)
                 if runner is not None and runner.captured is not None:
                     unread.append((value.clone(), n, where))  # read back in bulk: a replay waits for nothing

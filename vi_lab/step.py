@@ -29,7 +29,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO
 
-from vi_lab.objectives import SyncFreeTrace_ELBO, training_objective
+from vi_lab.objectives import LatentWeight, SyncFreeTrace_ELBO, training_objective
 from vi_lab.optim import Adam
 
 
@@ -53,8 +53,11 @@ class TrainStep:
 
     def __init__(self, model: Callable, guide: Callable, loss: ELBO | Callable, optim: Adam | Any,
                  site_scales: dict[str, float] | None = None, validate_first: bool = True) -> None:
-        self.model = training_objective(model, site_scales)
-        self.guide = training_objective(guide, site_scales)
+        #: the weight of every latent site (KL warm-up): :func:`vi_lab.fit` sets ``latent_weight.value``
+        self.latent_weight = LatentWeight()
+        per_datapoint = getattr(loss, "per_datapoint", True)  # False: the loss averages over the batch itself
+        self.model = training_objective(model, site_scales, self.latent_weight, per_datapoint)
+        self.guide = training_objective(guide, site_scales, self.latent_weight, per_datapoint)
         self.loss, self.optim = loss, optim
         self.validate_next = validate_first
         self.estimator: Any = None  # what vi_lab.infer.training_step made concrete for the guide

@@ -46,7 +46,9 @@ class Config(runs.CommonConfig):
     rank: int | None = None  # low_rank
     components: int | None = None  # mixture
     loss: str = "trace"
-    num_particles: int = 1  # ELBO particles per step (wake particles for rws)
+    objective: str = "elbo"  # or a tighter bound: iwae, dreg (vi_lab.importance.OBJECTIVES)
+    kl_warmup: float = 0.0  # epochs of linear KL warm-up (0: none)
+    num_particles: int = 1  # ELBO particles per step (K of iwae/dreg, wake particles for rws)
     estimator: str = "reparam"  # gradient estimator (vi_lab.estimators.ESTIMATORS)
     baseline: str | None = None  # reinforce_baseline: decaying_avg (default) or nn
     batch_size: int = 128
@@ -75,8 +77,14 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Config
     p.add_argument("--rank", type=int, default=None, help="rank of the low_rank guide's factor (default 2)")
     p.add_argument("--components", type=int, default=None, help="components of the mixture guide (default 5)")
     p.add_argument("--loss", choices=sorted(vi_lab.infer.LOSSES), default=Config.loss)
+    p.add_argument("--objective", choices=("elbo", *vi_lab.importance.OBJECTIVES), default=Config.objective,
+                   help="elbo (with --loss), or the K-sample importance-weighted bound: iwae, or dreg (its "
+                        "doubly-reparameterized gradient); K is --num-particles")
+    p.add_argument("--kl-warmup", type=float, default=Config.kl_warmup, metavar="EPOCHS",
+                   help="raise the KL term's weight linearly from 0 to 1 over this many epochs (default: none)")
     p.add_argument("--num-particles", type=int, default=Config.num_particles,
-                   help="Monte Carlo particles per step (wake particles for --loss rws, which needs >= 2)")
+                   help="Monte Carlo particles per step: K of --objective iwae/dreg, wake particles of --loss rws "
+                        "(which needs >= 2)")
     p.add_argument("--estimator", choices=list(ESTIMATORS), default=Config.estimator,
                    help="gradient estimator: pathwise (reparam) or score function (reinforce, reinforce_baseline)")
     p.add_argument("--baseline", choices=list(BASELINES), default=None,
@@ -132,7 +140,8 @@ def main(cfg: Config) -> dict:
     model, guide = build(cfg, x_train.shape[1])
 
     result = vi_lab.fit(
-        model, guide, x_train, loss=cfg.loss, num_particles=cfg.num_particles, epochs=cfg.epochs,
+        model, guide, x_train, loss=cfg.loss, objective=cfg.objective, kl_warmup=cfg.kl_warmup,
+        num_particles=cfg.num_particles, epochs=cfg.epochs,
         batch_size=cfg.batch_size, lr=cfg.lr, estimator=cfg.estimator, baseline=cfg.baseline,
         device=device, seed=cfg.seed, checkpoint_dir=out, resume=_resume_path(cfg) if cfg.resume else False,
         progress=runs.fit_progress(cfg.progress), binarize=data.fit_binarize, eval_data=x_test,
@@ -182,9 +191,12 @@ def main(cfg: Config) -> dict:
 
     print()
     trained = f"{metrics['train_elbo']:.2f}" if result.history else "n/a (0 epochs)"
+    bound = [(f"train {cfg.objective} bound, K={cfg.num_particles} (last epoch)",
+              f"{result.history[-1]['train_bound']:.2f}")] if result.history and cfg.objective != "elbo" else []
     print(runs.format_table([
         ("metric (nats per datapoint)", "value"),
         ("train ELBO (last epoch)", trained),
+        *bound,
         (f"test ELBO ({len(x_test)} images)", f"{metrics['test_elbo']:.2f}"),
         (f"test log-likelihood (K={cfg.eval_samples})", f"{metrics['test_log_likelihood']:.2f} +/- {sem:.2f}"),
         ("test reconstruction E_q[log p(x|z)]", f"{metrics['test_reconstruction']:.2f}"),
