@@ -118,3 +118,22 @@ def test_vae_mnist_rejects_an_unknown_guide(tmp_path, example_args):
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode != 0
     assert "unknown guide 'nope'; valid names" in proc.stderr
+
+
+def test_linear_probe_table_and_json(tmp_path, example_args):
+    out = tmp_path / "probe.json"
+    proc = run_example("linear_probe.py", "--guides", "mean_field", "iaf", "--latent-dim", "2", "--epochs", "1",
+                       "--train-size", "200", "--eval-size", "50", "--hidden", "16", "--eval-samples", "2",
+                       "--mean-samples", "5", "--threads", "1", "--no-progress", "--out", str(out), *example_args)
+    record = json.loads(out.read_text())
+    rows = {r["representation"]: r for r in record["rows"]}
+    assert list(rows) == ["mean_field", "iaf", "PCA of binary pixels", "binary pixels", "grey-level pixels"]
+    assert rows["mean_field"]["mean"] == "exact" and rows["iaf"]["mean"] == "Monte Carlo, 5 draws"
+    assert [rows[n]["features"] for n in rows] == [2, 2, 2, 784, 784]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows.values())
+    assert rows["mean_field"]["test_elbo"] < 0 and "test_elbo" not in rows["binary pixels"]
+    assert record["train_size"] == 200 and record["eval_size"] == 50 and "linear_probe.py" in record["command"]
+    assert "| representation | test ELBO (d=2) | probe acc. (d=2) |" in proc.stdout
+    assert "| binary pixels | - |" in proc.stdout
+    bad = run_example("linear_probe.py", "--guides", "nope", *example_args, ok=False)
+    assert bad.returncode != 0 and "unknown guide(s) nope; valid names" in bad.stderr
