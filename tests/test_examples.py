@@ -1,5 +1,6 @@
 """The examples run end to end through a subprocess with the smallest settings."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -137,3 +138,25 @@ def test_linear_probe_table_and_json(tmp_path, example_args):
     assert "| binary pixels | - |" in proc.stdout
     bad = run_example("linear_probe.py", "--guides", "nope", *example_args, ok=False)
     assert bad.returncode != 0 and "unknown guide(s) nope; valid names" in bad.stderr
+
+
+def test_iwae_vs_vae_table_json_and_reuse(tmp_path, example_args, capsys):
+    args = ["--epochs", "1", "--train-size", "200", "--eval-size", "20", "--eval-samples", "10", "--threads", "1",
+            "--hidden", "16", "--latent-dim", "4", "--out", str(tmp_path), *example_args]
+    proc = run_example("iwae_vs_vae.py", "--runs", "elbo:1", "iwae:5", "dreg:2", *args)
+    results = json.loads((tmp_path / "results.json").read_text())
+    runs = {(r["objective"], r["k"]): r for r in results["runs"]}
+    assert list(runs) == [("elbo", 1), ("iwae", 5), ("dreg", 2)]
+    assert runs["iwae", 5]["published"] == -85.54 and runs["dreg", 2]["published"] is None
+    assert all(r["test_log_likelihood"] >= r["test_elbo"] - 1.0 for r in runs.values())  # K = 10 vs K = 100 ELBO
+    assert runs["iwae", 5]["train_bound"] > -800 and 0 <= runs["elbo", 1]["active_units"] <= 4
+    assert "-85.54" in proc.stdout and "test log p(x), K=10" in proc.stdout
+    again = run_example("iwae_vs_vae.py", "--runs", "iwae:5", *args)  # reused, not retrained
+    assert "epoch 1" not in again.stdout and json.loads((tmp_path / "results.json").read_text())["runs"] == [
+        runs["iwae", 5]]
+    spec = importlib.util.spec_from_file_location("iwae_vs_vae", ROOT / "examples" / "iwae_vs_vae.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--runs", "renyi:3"])
+    assert "--runs takes objective:K with objective elbo, iwae or dreg" in capsys.readouterr().err
