@@ -336,5 +336,5 @@ def linear_probe(
                        x_train.shape[1])
 
 
-__all__ = ["L2_GRID", "MEAN_SAMPLES", "PCA", "ProbeResult", "encode", "fit_pca", "has_exact_mean", "linear_probe", "pca_codes",
-           "posterior_mean"]
+__all__ = ["L2_GRID", "MEAN_SAMPLES", "PCA", "ProbeResult", "encode", "fit_pca", "has_exact_mean", "linear_probe",
+           "pca_codes", "posterior_mean"]
