@@ -251,3 +251,14 @@ def test_example_runs_with_the_smallest_settings(tmp_path, example_args):
     assert all(r["test_log_likelihood"] < 0 for r in report["results"])
     assert report["units"].startswith("nats per patch") and "date" in report and "command" in report
     assert "held-out log-lik" in proc.stdout
+
+
+def test_restarts_on_data_with_repeated_rows_start_from_distinct_classes():
+    # small patches repeat (half of MNIST's are empty): two classes drawn at the same
+    # datapoint would stay identical under EM forever, so repeats are nudged apart
+    x = torch.zeros(100, 9, dtype=D64)
+    x[0] = 1
+    for model in (PairwiseMixture(4, 9), BernoulliMixture(4, 9, dtype=D64)):
+        model.reset_parameters(torch.Generator().manual_seed(0), x)
+        W = model.W.detach()[:, :9]
+        assert all(not torch.equal(W[a], W[b]) for a in range(4) for b in range(a)), W

@@ -1,4 +1,4 @@
-"""EM for log-linear latent-class models (:mod:`vi_lab.models.loglinear`).
+"""EM for log-linear latent-class models (:mod:`vi_lab.models.loglinear`, :mod:`vi_lab.models.loglinear_pairwise`).
 
 One iteration:
 
@@ -11,7 +11,9 @@ One iteration:
   steps) on the expected complete-data log-likelihood, which depends on the data only
   through the statistics, so an inner step costs ``O(K d)`` rather than ``O(N K d)``.
   Its gradient is the notes' "expected counts in the data minus the counts the model
-  expects". An inner result that lowers that objective is rejected (the old ``w`` is
+  expects"; for :class:`~vi_lab.models.loglinear_pairwise.PairwiseMixture` the model's
+  counts need a sum over all ``2^D`` observations, paid at every inner evaluation (the
+  inner step then costs ``O(2^D K d)``). An inner result that lowers that objective is rejected (the old ``w`` is
   kept), so every iteration is a generalized EM step and the log-likelihood never
   decreases, whatever optimizer and step count are chosen.
 
@@ -258,7 +260,8 @@ def em(
         place with the best restart's parameters.
     :param x: the data, in the model's observation space (indices for
         :class:`~vi_lab.models.loglinear.LogLinearLatentClass`, binary ``(N, D)`` for
-        :class:`~vi_lab.models.loglinear.BernoulliMixture`).
+        :class:`~vi_lab.models.loglinear.BernoulliMixture` and
+        :class:`~vi_lab.models.loglinear_pairwise.PairwiseMixture`).
     :param max_iters: M-steps per restart at most.
     :param tol: stop when ``ll_t - ll_{t-1} < tol * |ll_{t-1}|`` (relative improvement); ``0``
         runs all ``max_iters``.

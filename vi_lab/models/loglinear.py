@@ -279,6 +279,37 @@ class LogLinearLatentClass(LatentClassModel):
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def starting_probabilities(K: int, D: int, generator: torch.Generator, x: torch.Tensor | None,
+                           dtype: torch.dtype) -> torch.Tensor:
+    """Pixel probabilities ``(K, D)`` (on the CPU) to start EM's restarts of a binary mixture from.
+
+    Each class is a random datapoint blended half and half with the data mean; without
+    ``x``, uniform(0.25, 0.75). A class whose datapoint repeats an earlier class's (small
+    patches: many are empty) is moved a tenth of the way to uniform noise: identical
+    classes get identical responsibilities and EM could never pull them apart.
+
+    :param K: classes.
+    :param D: pixels.
+    :param generator: a seeded CPU generator (a restart's seed).
+    :param x: binary data ``(N, D)`` or None.
+    :param dtype: dtype of the result.
+
+    Example::
+
+        p = starting_probabilities(10, 784, torch.Generator().manual_seed(0), x_binary, torch.float32)
+    """
+    if x is None:
+        return 0.25 + 0.5 * torch.rand(K, D, generator=generator, dtype=dtype)
+    idx = torch.randint(len(x), (K,), generator=generator)
+    xs = x[idx.to(x.device)].to("cpu", dtype)
+    p = 0.5 * xs + 0.5 * x.to(dtype).mean(0).cpu()
+    repeat = torch.tensor([any(torch.equal(xs[k], xs[j]) for j in range(k)) for k in range(K)])
+    if repeat.any():  # drawn only then, so data without repeats (whole images) start as before
+        noise = torch.rand(K, D, generator=generator, dtype=dtype)
+        p[repeat] = 0.9 * p[repeat] + 0.1 * noise[repeat]
+    return p
+
+
 class BernoulliMixture(LatentClassModel):
     """Binary ``x`` in ``{0,1}^D`` with pixel x class features: a mixture of Bernoullis.
 
@@ -348,15 +379,10 @@ class BernoulliMixture(LatentClassModel):
 
     def reset_parameters(self, generator: torch.Generator, x: torch.Tensor | None = None) -> None:
         """Each class starts at a random datapoint blended with the data mean (when ``x`` is
-        given), else at uniform(0.25, 0.75) pixel probabilities."""
+        given), else at uniform(0.25, 0.75) pixel probabilities (:func:`starting_probabilities`)."""
         K, D = self.W.shape
         with torch.no_grad():
-            if x is None:
-                p = 0.25 + 0.5 * torch.rand(K, D, generator=generator, dtype=self.W.dtype)
-            else:
-                idx = torch.randint(len(x), (K,), generator=generator)
-                xs = x[idx.to(x.device)].to("cpu", self.W.dtype)
-                p = 0.5 * xs + 0.5 * x.to(self.W.dtype).mean(0).cpu()
+            p = starting_probabilities(K, D, generator, x, self.W.dtype)
             self.W.copy_(torch.logit(p.clamp(0.05, 0.95)).to(self.W.device))
 
     @torch.no_grad()
@@ -386,4 +412,5 @@ def enum_elbo() -> TraceEnum_ELBO:
     return TraceEnum_ELBO(max_plate_nesting=1)
 
 
-__all__ = ["BernoulliMixture", "LatentClassModel", "LogLinearLatentClass", "empty_guide", "enum_elbo"]
+__all__ = ["BernoulliMixture", "LatentClassModel", "LogLinearLatentClass", "empty_guide", "enum_elbo",
+           "starting_probabilities"]

@@ -34,7 +34,7 @@ import torch
 from pyro.distributions import constraints
 from torch import nn
 
-from vi_lab.models.loglinear import LatentClassModel, Stats
+from vi_lab.models.loglinear import LatentClassModel, Stats, starting_probabilities
 
 #: the most pixels whose configurations are enumerated: 2^20 (about a million) per pass,
 #: times K classes and F features, is already seconds per normalizer on a CPU
@@ -387,19 +387,15 @@ class PairwiseMixture(LatentClassModel):
         return (stats["features"] * self.W).sum() - (stats["counts"] * self.log_normalizer()).sum()
 
     def reset_parameters(self, generator: torch.Generator, x: torch.Tensor | None = None) -> None:
-        """Unary weights as :meth:`BernoulliMixture.reset_parameters` draws them, pairwise weights zero.
+        """Unary weights as :meth:`BernoulliMixture.reset_parameters` draws them
+        (:func:`~vi_lab.models.loglinear.starting_probabilities`), pairwise weights zero.
 
         Every restart thus starts at a factorized model; the pairwise weights grow only as
         far as the data's pixel correlations pull them.
         """
         K, D = self.num_classes, self.x_dim
         with torch.no_grad():
-            if x is None:
-                p = 0.25 + 0.5 * torch.rand(K, D, generator=generator, dtype=self.W.dtype)
-            else:
-                idx = torch.randint(len(x), (K,), generator=generator)
-                xs = x[idx.to(x.device)].to("cpu", self.W.dtype)
-                p = 0.5 * xs + 0.5 * x.to(self.W.dtype).mean(0).cpu()
+            p = starting_probabilities(K, D, generator, x, self.W.dtype)
             self.W.zero_()
             self.W[:, :D] = torch.logit(p.clamp(0.05, 0.95)).to(self.W.device)
 
