@@ -160,3 +160,16 @@ def test_iwae_vs_vae_table_json_and_reuse(tmp_path, example_args, capsys):
     with pytest.raises(SystemExit):
         script.parse_args(["--runs", "renyi:3"])
     assert "--runs takes objective:K with objective elbo, iwae or dreg" in capsys.readouterr().err
+
+
+def test_ais_bdmc_prints_its_three_tables_and_writes_json(tmp_path, example_args):
+    out = tmp_path / "ais.json"
+    proc = run_example("ais_bdmc.py", "--ppca-steps", "1,2", "--ppca-points", "3", "--train-size", "100", "--epochs",
+                       "1", "--bdmc-steps", "2", "--bdmc-points", "2", "--test-points", "3", "--steps", "2", "--chains",
+                       "2", "--adapt-chains", "1", "--leapfrog", "2", "--is-samples", "10", "--threads", "1", "--out",
+                       str(out), *example_args)
+    for title in ("T (PPCA, from the prior)", "T (BDMC, simulated)", "AIS - IS (paired)"):
+        assert title in proc.stdout
+    record = json.loads(out.read_text())
+    assert [r["num_steps"] for r in record["ppca"]] == [1, 2] and record["units"] == "nats per datapoint"
+    assert record["bdmc"][0]["width"]["mean"] is not None and "ais_minus_is" in record["mnist"]

@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ContractError": "vi_lab.contract", "check_pair": "vi_lab.contract",
     "load_dataset": "vi_lab.data",
-    "elbo": "vi_lab.evaluate", "log_likelihood": "vi_lab.evaluate",
+    "elbo": "vi_lab.evaluate", "log_likelihood": "vi_lab.evaluate", "ais_log_likelihood": "vi_lab.ais",
     "GUIDES": "vi_lab.guides", "make_guide": "vi_lab.guides",
     "pick_device": "vi_lab.device",
     "FitResult": "vi_lab.infer", "TrainingDiverged": "vi_lab.infer", "TrainingUnstable": "vi_lab.infer",

@@ -34,6 +34,7 @@ gets the per-datapoint results of all of them in data order
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import time
 import warnings
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vi_lab import ais as ais_module
 from vi_lab import distributed, evaluate
 from vi_lab.contract import check_pair
 from vi_lab.guides import GUIDES
@@ -57,6 +59,11 @@ KHAT_THRESHOLD = 0.7
 
 #: the proposals log p̂(x) can be computed with, in the order they are tried
 PROPOSALS = ("q", "q_star", "q_star_rich")
+
+#: how log p̂(x) can be estimated: importance sampling (the default) or annealed importance sampling
+LOG_PX_ESTIMATORS = ("is", "ais")
+#: settings of :func:`vi_lab.ais.ais_log_likelihood` that ``inference_gaps(..., ais=...)`` passes on
+AIS_SETTINGS = ("num_chains", "num_steps", "leapfrog_steps", "step_size", "adapt_chains", "start", "schedule")
 
 #: row labels of the Cremer-shaped table, keyed by the summary entry they show
 TABLE_ROWS = (
@@ -247,12 +254,13 @@ class GapReport:
     ``approximation_gap + amortization_gap == inference_gap`` holds by construction (up to float rounding).
 
     :ivar label: name of the column (usually the guide family used in training).
-    :ivar log_px: log p̂(x), importance-sampled with ``num_samples`` draws from ``proposal``.
+    :ivar log_px: log p̂(x), importance-sampled with ``num_samples`` draws from ``proposal``
+        (or by AIS: ``log_px_estimator`` says which).
     :ivar elbo_amortized: L[q], the amortized guide's ELBO.
     :ivar elbo_optimal: L[q*], the ELBO of the locally optimized guide of ``family``.
     :ivar elbo_rich: L[q*_rich] of ``rich_family`` (None when not computed).
     :ivar khat: PSIS k-hat per proposal name (``"q"``, ``"q_star"``, ``"q_star_rich"``).
-    :ivar log_px_by_proposal: log p̂(x) under each proposal.
+    :ivar log_px_by_proposal: log p̂(x) under each proposal (and ``"ais"``'s when AIS ran).
     :ivar proposal: the proposal ``log_px`` comes from.
     :ivar family: local family of q* (the amortized guide's own family).
     :ivar rich_family: local family of q*_rich.
@@ -267,6 +275,8 @@ class GapReport:
         data parallelism: this process's own, for its rows
         :func:`vi_lab.distributed.shard_bounds` of the N datapoints (with fewer datapoints than
         processes: process 0's for all of them; the others have none).
+    :ivar log_px_estimator: the estimator behind ``log_px``, e.g. ``"IS, K=5000 draws from q_star"``
+        or ``"AIS, 16 chains x 1000 steps from q"``.
     :ivar shard_fits: under data parallelism, every process's own ``fits`` in rank order
         (process ``r`` had the datapoints :func:`vi_lab.distributed.shard_bounds` gives it);
         empty in one process.
@@ -285,6 +295,7 @@ class GapReport:
     fits: dict[str, LocalFit]
     num_samples: int
     seconds: float = float("nan")
+    log_px_estimator: str = ""
     local_guides: dict[str, LocalGuide] = field(default_factory=dict, repr=False)
     shard_fits: list[dict[str, LocalFit]] = field(default_factory=list, repr=False)
 
@@ -340,6 +351,7 @@ class GapReport:
             "num_points": self.num_points,
             "num_samples": self.num_samples,
             "proposal": self.proposal,
+            "log_px_estimator": self.log_px_estimator,
             "family": self.family,
             "rich_family": self.rich_family,
             "seconds": self.seconds,
@@ -474,6 +486,8 @@ def inference_gaps(
     window: int = 100,
     tol: float = 1e-3,
     label: str | None = None,
+    log_px: str = "is",
+    ais: dict[str, Any] | None = None,
     **kwargs,
 ) -> GapReport:
     """Decompose the inference gap of an amortized guide on datapoints ``x``.
@@ -502,6 +516,11 @@ def inference_gaps(
     :param window: convergence window in steps.
     :param tol: convergence threshold, nats per datapoint per window.
     :param label: the report's column name (default: the guide's family).
+    :param log_px: the estimator of the reported log p̂(x): ``"is"`` (importance sampling from
+        ``proposal``) or ``"ais"`` (:func:`vi_lab.ais.ais_log_likelihood` from the amortized
+        guide; every proposal's IS estimate is still kept). ``log_px_estimator`` says which ran.
+    :param ais: settings of the AIS run (keys of :data:`AIS_SETTINGS`, e.g.
+        ``{"num_chains": 16, "num_steps": 1000}``); its defaults otherwise.
     :returns: :class:`GapReport`.
 
     Under torchrun each process runs all of the above on its contiguous share of the
@@ -518,12 +537,32 @@ def inference_gaps(
     """
     if proposal not in ("auto", *PROPOSALS):
         raise ValueError(f"unknown proposal {proposal!r}; valid: auto, {', '.join(PROPOSALS)}")
+    if log_px not in LOG_PX_ESTIMATORS:
+        raise ValueError(f"log_px must be 'is' or 'ais' (the estimator of log p̂(x)), got {log_px!r}")
+    unknown = sorted(set(ais or {}) - set(AIS_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown AIS settings {unknown}; valid: {', '.join(AIS_SETTINGS)}")
+    if ais and log_px != "ais":
+        raise ValueError("ais= settings were given but log_px is 'is': pass log_px='ais' to use them")
+    ais_settings = dict(ais or {}) if log_px == "ais" else None
     settings = dict(family=family, rich_family=rich_family, num_samples=num_samples, proposal=proposal,
-                    max_steps=max_steps, lr=lr, num_particles=num_particles, window=window, tol=tol, label=label)
+                    max_steps=max_steps, lr=lr, num_particles=num_particles, window=window, tol=tol, label=label,
+                    ais_settings=ais_settings)
     return evaluate.split_datapoints(
         lambda xs, /, *a, **kw: _gaps(model, guide, xs, *a, **settings, **kw), x, args, kwargs,
         join=lambda local, gather: _join_reports(local, gather, proposal),
         ship=lambda report: dataclasses.replace(report, local_guides={}), what="the gap analysis")
+
+
+def _estimator(proposal: str, num_samples: int, ais_settings: dict[str, Any] | None) -> str:
+    """What gave log p̂(x), in words (:attr:`GapReport.log_px_estimator`)."""
+    if ais_settings is None:
+        return f"IS, K={num_samples} draws from {proposal}"
+    defaults = {k: p.default for k, p in inspect.signature(ais_module.ais_log_likelihood).parameters.items()}
+    s = {k: ais_settings.get(k, defaults[k]) for k in AIS_SETTINGS}
+    start = "q" if s["start"] == "guide" else "the prior"
+    return (f"AIS, {s['num_chains']} chains x {s['num_steps']} steps from {start} ({s['leapfrog_steps']} leapfrog "
+            f"steps, {s['schedule']} schedule)")
 
 
 def _best_proposal(elbos: dict[str, torch.Tensor]) -> str:
@@ -538,7 +577,8 @@ def _join_reports(local: GapReport, gather: Callable[[torch.Tensor], torch.Tenso
     if local.elbo_rich is not None:
         elbos["q_star_rich"] = gather(local.elbo_rich)
     log_px = {k: gather(v) for k, v in local.log_px_by_proposal.items()}
-    chosen = _best_proposal({k: elbos[k] for k in log_px}) if proposal == "auto" else proposal
+    chosen = _best_proposal({k: elbos[k] for k in log_px if k in elbos}) if proposal == "auto" else proposal
+    by_ais = "ais" in log_px
     fits = {}
     for name, fit in local.fits.items():
         each = [share_fits[name] for share_fits, _ in shares]
@@ -547,15 +587,17 @@ def _join_reports(local: GapReport, gather: Callable[[torch.Tensor], torch.Tenso
             criterion=f"{fit.criterion}; run by each of {len(each)} processes on its own share of the datapoints "
                       f"(steps: the most any share took; converged: every share met the rule)")
     return dataclasses.replace(
-        local, log_px=log_px[chosen], elbo_amortized=elbos["q"], elbo_optimal=elbos["q_star"],
+        local, log_px=log_px["ais" if by_ais else chosen], elbo_amortized=elbos["q"], elbo_optimal=elbos["q_star"],
         elbo_rich=elbos.get("q_star_rich"), khat={k: gather(v) for k, v in local.khat.items()},
         log_px_by_proposal=log_px, proposal=chosen, fits=fits, seconds=max(sec for _, sec in shares),
-        shard_fits=[share_fits for share_fits, _ in shares])
+        shard_fits=[share_fits for share_fits, _ in shares],
+        log_px_estimator=local.log_px_estimator if by_ais else _estimator(chosen, local.num_samples, None))
 
 
 def _gaps(model: Callable, guide: nn.Module, x: torch.Tensor, *args, family: str | None, rich_family: str | None,
           num_samples: int, proposal: str, max_steps: int, lr: float | Sequence[float], num_particles: int,
-          window: int, tol: float, label: str | None, **kwargs) -> GapReport:
+          window: int, tol: float, label: str | None, ais_settings: dict[str, Any] | None = None,
+          **kwargs) -> GapReport:
     """:func:`inference_gaps` in one process."""
     check_pair(model, guide, x, *args, **kwargs)  # the contract (and the data), before any optimization
     family = check_family(family or guide_family(guide), "family")
@@ -587,20 +629,24 @@ def _gaps(model: Callable, guide: nn.Module, x: torch.Tensor, *args, family: str
             scored[name] = score_proposal(model, local, x, *args, num_samples=num_samples, **kwargs)
     if proposal == "auto":
         proposal = _best_proposal({k: v.elbo for k, v in scored.items()})
+    log_px_by_proposal = {k: v.log_px for k, v in scored.items()}
+    if ais_settings is not None:  # annealed from the amortized guide: any start works, q is the one at hand
+        log_px_by_proposal["ais"] = ais_module.ais_log_likelihood(model, guide, x, *args, **ais_settings, **kwargs)
     return GapReport(
         label=label or family,
-        log_px=scored[proposal].log_px,
+        log_px=log_px_by_proposal["ais" if ais_settings is not None else proposal],
         elbo_amortized=scored["q"].elbo,
         elbo_optimal=scored["q_star"].elbo,
         elbo_rich=scored["q_star_rich"].elbo if "q_star_rich" in scored else None,
         khat={k: v.khat for k, v in scored.items()},
-        log_px_by_proposal={k: v.log_px for k, v in scored.items()},
+        log_px_by_proposal=log_px_by_proposal,
         proposal=proposal,
         family=family,
         rich_family=rich_family,
         fits=fits,
         num_samples=num_samples,
         seconds=time.perf_counter() - t0,
+        log_px_estimator=_estimator(proposal, num_samples, ais_settings),
         local_guides=local_guides,
     )
 

@@ -6,8 +6,12 @@ importance-sampled log p(x) from the same K draws of the guide, and the PSIS k-h
 those draws (above 0.7 the log p(x) estimate of a datapoint is not trustworthy). By
 default it scores the run's own test split; ``--split train``, ``--dataset`` or
 ``--data PATH`` score other data of the same size per datapoint. Held-out data are
-binarized as the run's were (:func:`vi_lab.infer.heldout_binarized`). Writes
-``RUN_DIR/eval_<data>_<split>_N<size>_K<K>_s<seed>.json`` (or ``--out FILE``).
+binarized as the run's were (:func:`vi_lab.infer.heldout_binarized`). ``--ais-steps T``
+adds annealed importance sampling (:func:`vi_lab.ais.ais_log_likelihood`: ``--ais-chains``
+chains per datapoint from the guide through T intermediate distributions), a tighter
+log p(x) printed beside the importance-sampled one. Writes
+``RUN_DIR/eval_<data>_<split>_N<size>_K<K>_s<seed>.json`` (``..._ais<C>x<T>.json`` with AIS;
+or ``--out FILE``).
 
 Under ``torchrun --nproc_per_node=N -m vi_lab eval RUN_DIR`` each process scores its share
 of the datapoints (process r draws from seed ``--seed`` + r) and process 0 prints and writes.
@@ -25,6 +29,7 @@ import pyro
 import torch
 
 from vi_lab import distributed, runs
+from vi_lab.ais import ais_log_likelihood
 from vi_lab.checkpoint import load as load_checkpoint
 from vi_lab.commands import train
 from vi_lab.data import DATASETS, load_dataset
@@ -49,6 +54,9 @@ class Config:
     threads: int | None = None
     progress: bool = True
     out: str | None = None
+    ais_steps: int = 0  # 0: no AIS
+    ais_chains: int = 16
+    ais_leapfrog: int = 10
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Config:
@@ -68,8 +76,17 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Config
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.add_argument("--out", default=None, help="JSON file to write (default: in RUN_DIR)")
+    p.add_argument("--ais-steps", type=int, default=Config.ais_steps,
+                   help="also estimate log p(x) by AIS with this many intermediate distributions, e.g. 1000 "
+                        "(default %(default)s: no AIS)")
+    p.add_argument("--ais-chains", type=int, default=Config.ais_chains,
+                   help="AIS chains per datapoint (default %(default)s)")
+    p.add_argument("--ais-leapfrog", type=int, default=Config.ais_leapfrog,
+                   help="leapfrog steps per AIS transition (default %(default)s)")
     cfg = Config(**vars(p.parse_args(argv)))
-    for name in ("eval_size", "eval_samples", "batch_size"):
+    if cfg.ais_steps < 0:
+        p.error(f"--ais-steps must be 0 (no AIS) or a positive integer, got {cfg.ais_steps}")
+    for name in ("eval_size", "eval_samples", "batch_size", "ais_chains", "ais_leapfrog"):
         if getattr(cfg, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
     return cfg
@@ -134,7 +151,9 @@ def main(cfg: Config) -> dict:
                       device=device)
     ds = ds.subset(min(cfg.eval_size, len(ds)))
     if not cfg.out:
-        out = Path(cfg.run) / f"eval_{Path(ds.name).stem}_{cfg.split}_N{len(ds)}_K{cfg.eval_samples}_s{cfg.seed}.json"
+        ais_tag = f"_ais{cfg.ais_chains}x{cfg.ais_steps}" if cfg.ais_steps else ""
+        out = Path(cfg.run) / (f"eval_{Path(ds.name).stem}_{cfg.split}_N{len(ds)}_K{cfg.eval_samples}_s{cfg.seed}"
+                               f"{ais_tag}.json")
     if ds.images.shape[1] != model.x_dim:
         raise ValueError(f"the run's model takes {model.x_dim} values per datapoint; {ds.name} {cfg.split} has "
                          f"{ds.images.shape[1]}: score it on data of the run's size")
@@ -146,6 +165,12 @@ def main(cfg: Config) -> dict:
     scored = score_proposal(model, guide, x, num_samples=cfg.eval_samples, batch_size=cfg.batch_size,
                             progress="log weights" if cfg.progress else False)
     seconds = time.perf_counter() - t0
+    annealed = None
+    if cfg.ais_steps:
+        t1 = time.perf_counter()
+        annealed = ais_log_likelihood(model, guide, x, num_chains=cfg.ais_chains, num_steps=cfg.ais_steps,
+                                      leapfrog_steps=cfg.ais_leapfrog, progress="AIS" if cfg.progress else False)
+        ais_seconds = time.perf_counter() - t1
     elbo, ll, khat = scored.elbo, scored.log_px, scored.khat
     finite = khat[torch.isfinite(khat)]
     result = {
@@ -160,6 +185,15 @@ def main(cfg: Config) -> dict:
         "seconds": seconds, "device": str(device), "world_size": world.size, "guide": run_cfg.guide,
         "units": "nats per datapoint (higher is better)", **runs.provenance(cfg),
     }
+    if annealed is not None:
+        result["ais_log_likelihood"] = dict(zip(("mean", "sem"), runs.mean_sem(annealed)))
+        result["ais"] = {"num_chains": cfg.ais_chains, "num_steps": cfg.ais_steps,
+                         "leapfrog_steps": cfg.ais_leapfrog, "start": "guide"}
+        result["ais_seconds"] = ais_seconds
+    rows = []
+    if annealed is not None:
+        rows.append((f"AIS log p(x), {cfg.ais_chains} chains x {cfg.ais_steps} steps",
+                     f"{result['ais_log_likelihood']['mean']:.2f} +/- {result['ais_log_likelihood']['sem']:.2f}"))
     distributed.main_decides(lambda: runs.write_json(out, result), "writing the result")
     print(runs.format_table([
         (f"{cfg.run}: {run_cfg.guide} guide, D={run_cfg.latent_dim}", "nats per datapoint"),
@@ -167,6 +201,7 @@ def main(cfg: Config) -> dict:
                                                                  f"{result['elbo']['sem']:.2f}"),
         (f"log p(x), K={cfg.eval_samples}", f"{result['log_likelihood']['mean']:.2f} +/- "
                                              f"{result['log_likelihood']['sem']:.2f}"),
+        *rows,
         ("PSIS k-hat: mean, share above 0.7",
          "n/a" if result["khat_mean"] is None else f"{result['khat_mean']:.2f}, {result['khat_above_0.7']:.1%}"),
     ]))
