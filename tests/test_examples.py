@@ -162,6 +162,31 @@ def test_iwae_vs_vae_table_json_and_reuse(tmp_path, example_args, capsys):
     assert "--runs takes objective:K with objective elbo, iwae or dreg" in capsys.readouterr().err
 
 
+def test_amortization_vs_width_table_json_figure_and_reuse(tmp_path, example_args, capsys):
+    args = ["--widths", "8", "6x6", "--decoder-hidden", "8", "--latent-dim", "2", "--epochs", "1", "--kl-warmup", "1",
+            "--train-size", "100", "--split", "test", "--num-points", "3", "--eval-samples", "30", "--max-steps", "20",
+            "--local-particles", "2", "--threads", "1", "--no-progress", "--out", str(tmp_path), *example_args]
+    proc = run_example("amortization_vs_width.py", *args)
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert [r["encoder_hidden"] for r in record["runs"]] == [[8], [6, 6]] and record["splits"] == ["test"]
+    assert record["runs"][0]["encoder_parameters"] == 784 * 8 + 8 + 2 * (8 * 2 + 2)
+    for run in record["runs"]:
+        s = run["gaps"]["test"]["summary"]
+        assert run["gaps"]["test"]["num_points"] == 3 and run["gaps"]["test"]["rich_family"] == "full_cov"
+        assert abs(s["approximation_gap"]["mean"] + s["amortization_gap"]["mean"] - s["inference_gap"]["mean"]) < 1e-6
+    assert (tmp_path / "gaps_test.png").stat().st_size > 1000 and (tmp_path / "enc_6x6" / "last.pt").is_file()
+    assert "amort. gap" in proc.stdout and "KL warm-up 1 epochs" in proc.stdout
+    spec = importlib.util.spec_from_file_location("amortization_vs_width", ROOT / "examples" / "amortization_vs_width.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    again = script.main(args)  # checkpoints and gap reports reused
+    assert "epoch 1" not in capsys.readouterr().out
+    assert [r["gaps"] for r in again["runs"]] == [r["gaps"] for r in record["runs"]]
+    with pytest.raises(SystemExit):
+        script.parse_args(["--widths", "8x0"])
+    assert "an encoder is W or W1xW2" in capsys.readouterr().err
+
+
 def test_ais_bdmc_prints_its_three_tables_and_writes_json(tmp_path, example_args):
     out = tmp_path / "ais.json"
     proc = run_example("ais_bdmc.py", "--ppca-steps", "1,2", "--ppca-points", "3", "--train-size", "100", "--epochs",
