@@ -389,23 +389,6 @@ def _latents(model, guide, x, args, kwargs, start: str):
     return pair, latents
 
 
-def _check_settings(num_chains, num_steps, leapfrog_steps, adapt_chains, step_size, start, batch_size) -> None:
-    _positive_int(num_chains, "num_chains", "independent AIS chains per datapoint, e.g. 16")
-    _positive_int(num_steps, "num_steps", "intermediate distributions between the start and the posterior, e.g. 1000")
-    _positive_int(leapfrog_steps, "leapfrog_steps", "leapfrog steps per HMC transition, e.g. 10")
-    if isinstance(adapt_chains, bool) or not isinstance(adapt_chains, int) or adapt_chains < 0:
-        raise ValueError(f"adapt_chains must be a non-negative integer (extra chains that adapt the step sizes; "
-                         f"0: keep step_size fixed), got {adapt_chains!r}")
-    if not (isinstance(step_size, (int, float)) and not isinstance(step_size, bool) and step_size > 0
-            and math.isfinite(step_size)):
-        raise ValueError(f"step_size must be a positive number (the first HMC step size), got {step_size!r}")
-    if start not in STARTS:
-        raise ValueError(f"unknown start {start!r}; valid: {', '.join(STARTS)}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer or None (the memory budget decides), "
-                         f"got {batch_size!r}")
-
-
 def _exact_start(z: torch.Tensor | Mapping[str, torch.Tensor], latents: list[_Latent], chains: int, n: int,
                  nesting: int) -> dict[str, torch.Tensor]:
     """Exact posterior draws (constrained), one per datapoint or one per chain, as unconstrained chain states.
