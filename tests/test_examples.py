@@ -151,15 +151,20 @@ def test_iwae_vs_vae_table_json_and_reuse(tmp_path, example_args, capsys):
     assert all(r["test_log_likelihood"] >= r["test_elbo"] - 1.0 for r in runs.values())  # K = 10 vs K = 100 ELBO
     assert runs["iwae", 5]["train_bound"] > -800 and 0 <= runs["elbo", 1]["active_units"] <= 4
     assert "-85.54" in proc.stdout and "test log p(x), K=10" in proc.stdout
-    again = run_example("iwae_vs_vae.py", "--runs", "iwae:5", *args)  # reused, not retrained
-    assert "epoch 1" not in again.stdout and json.loads((tmp_path / "results.json").read_text())["runs"] == [
-        runs["iwae", 5]]
+    assert runs["dreg", 2]["paired_difference"] == pytest.approx(
+        sum(a - b for a, b in zip(runs["dreg", 2]["log_likelihood_per_point"],
+                                  runs["elbo", 1]["log_likelihood_per_point"])) / 20)
+    again = run_example("iwae_vs_vae.py", "--runs", "iwae:5", "elbo:1:2", *args)  # iwae:5 reused, not retrained
+    rerun = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert again.stdout.count("epoch 1:") == 1 and (tmp_path / "elbo_k1_e2" / "result.json").is_file()
+    assert rerun[0]["log_likelihood_per_point"] == runs["iwae", 5]["log_likelihood_per_point"]
+    assert [(r["objective"], r["k"], r["epochs"]) for r in rerun] == [("iwae", 5, 1), ("elbo", 1, 2)]
     spec = importlib.util.spec_from_file_location("iwae_vs_vae", ROOT / "examples" / "iwae_vs_vae.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     with pytest.raises(SystemExit):
         script.parse_args(["--runs", "renyi:3"])
-    assert "--runs takes objective:K with objective elbo, iwae or dreg" in capsys.readouterr().err
+    assert "--runs takes objective:K[:epochs] with objective elbo, iwae or dreg" in capsys.readouterr().err
 
 
 def test_amortization_vs_width_table_json_figure_and_reuse(tmp_path, example_args, capsys):
