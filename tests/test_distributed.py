@@ -63,14 +63,16 @@ def test_every_estimator_trains_one_model_on_two_ranks(tmp_path):
     (different, too_few), other = r0.pop("refusals"), r1.pop("refusals")
     assert "different training data" in different and "rank 1: [192, 16]" in different
     assert "fewer than the 2 processes" in too_few and [different, too_few] == other
-    assert len(r0) == 9
+    assert len(r0) == 11  # 9 losses and estimators of the ELBO, then iwae and dreg (with KL warm-up)
+    assert r0["dreg"]["history"][0]["kl_weight"] == 1.0 and "train_bound" in r0["iwae"]["history"][0]
     for name in r0:
         shared = {k: v for k, v in r0[name]["params"].items() if not k.startswith("__baseline_avg")}
         other = {k: v for k, v in r1[name]["params"].items() if not k.startswith("__baseline_avg")}
         assert _max_diff(shared, other) == 0.0, name
         assert all(torch.isfinite(v).all() for v in shared.values()), name
         # the global numbers, on every rank
-        assert [h["train_elbo"] for h in r0[name]["history"]] == [h["train_elbo"] for h in r1[name]["history"]]
+        assert r0[name]["history"] == [{**h, "seconds": g["seconds"], "cpu_seconds": g["cpu_seconds"]}
+                                       for h, g in zip(r1[name]["history"], r0[name]["history"])]
         for k, shape in r0[name]["checkpoint_shapes"].items():
             if k.startswith("__baseline_avg"):  # one value per position of the 63-row batch, the ranks' 32 + 31 joined
                 assert shape == (63,), name

@@ -141,12 +141,12 @@ def _pair(device, beta: float = 1.0):
 @pytest.mark.parametrize("beta, weight", [(1.0, 1.0), (2.0, 0.3)])
 def test_iwae_with_one_particle_is_the_elbo_objective_value_and_gradient(device, beta, weight):
     results = []
-    iwae = ImportanceWeighted(1)
-    iwae.nesting = 1  # known: the first call's contract check would draw random numbers before the step's
-    for loss in (SyncFreeTrace_ELBO(), iwae):
+    for loss in (SyncFreeTrace_ELBO(), ImportanceWeighted(1)):
         model, guide, x = _pair(device, beta)
         step = TrainStep(model, guide, loss, Adam(1e-3), getattr(model, "site_scales", None))
         step.latent_weight.value = weight
+        if isinstance(loss, ImportanceWeighted):  # its first call checks the pair, drawing random numbers
+            loss(step.model, step.guide, x)
         pyro.set_rng_seed(5)
         value = step.gradients(x)
         results.append((value, {n: p.grad.clone() for n, p in zip(step.names, step.params)}))
@@ -239,3 +239,23 @@ def test_vi_lab_train_takes_objective_and_kl_warmup(tmp_path, tiny_args, example
     assert metrics["config"]["objective"] == "iwae" and metrics["history"][0]["kl_weight"] == pytest.approx(0.5)
     with pytest.raises(SystemExit):
         main(["train", *tiny_args, "--objective", "renyi"])
+
+
+def test_dreg_refuses_a_flow_without_inverse_and_iwae_trains_it(device):
+    model, _, x = _pair(device)
+    planar = vi_lab.make_guide("planar", latent_dim=4, hidden=[16], x_dim=12).to(device)
+    with pytest.raises(ValueError, match="cannot score a z it did not draw itself .* use objective='iwae'"):
+        vi_lab.fit(model, planar, x, objective="dreg", num_particles=2, epochs=1, progress=False)
+    assert vi_lab.fit(model, planar, x, objective="iwae", num_particles=2, epochs=1, progress=False).history
+
+
+def test_the_bound_ignores_scales_other_than_the_latent_weights(device):
+    # a pair's own poutine.scale (a subsampling factor N/B, say) must not enter the log-sum-exp
+    model, guide, x = _pair(device)
+    for dreg in (False, True):
+        values = []
+        for m in (model, pyro.poutine.scale(model, scale=7.0)):
+            pyro.set_rng_seed(1)
+            values.append(ImportanceWeighted(3, dreg=dreg)(m, pyro.poutine.scale(guide, scale=7.0)
+                                                           if m is not model else guide, x))
+        assert torch.allclose(values[0], values[1])

@@ -317,10 +317,9 @@ def _anneal(target: _Target, betas: torch.Tensor, num_chains: int, adapt_chains:
     chains = num_chains + adapt_chains
     b = target.x.shape[0]
     cuts = [slice(c, min(c + pieces, chains)) for c in range(0, chains, pieces)]
-    states = []
-    for cut in cuts:
-        u = target.draw(cut.stop - cut.start) if start is None else {k: v[cut] for k, v in start.items()}
-        states.append(_evaluate(target, u))
+    # the starts are drawn for all chains at once (small: the latents only), so a cut leaves them as they were
+    start = start if start is not None else target.draw(chains)
+    states = [_evaluate(target, {k: v[cut] for k, v in start.items()}) for cut in cuts]
     state = _cat(states)
     bad = ~torch.isfinite(state.log_f(float(betas[0])))
     if bool(bad.any()):

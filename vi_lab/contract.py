@@ -292,16 +292,14 @@ def _raise_outside(name: str, support, values: torch.Tensor, what: str) -> None:
 __all__ = ["ContractError", "PairCheck", "check_data", "check_pair", "check_row_shape", "check_support", "trace_pair"]
 
 
-def site_log_prob(site: dict, num_dims: int, scaled: bool = False) -> torch.Tensor:
-    """Masked log-density of a trace site, reduced to ``(K, B)`` or broadcastable.
+def site_log_prob(site: dict, num_dims: int) -> torch.Tensor:
+    """Unscaled, masked log-density of a trace site, reduced to ``(K, B)`` or broadcastable.
 
     :param site: a sample site of a Pyro trace run under a particle plate at ``-num_dims``.
     :param num_dims: plate nesting + 1 (the particle dimension).
-    :param scaled: multiply by the site's scale (evaluators leave it out: they report the true
-        log-densities whatever a training objective weighted).
     """
     log_p = site["fn"].log_prob(site["value"])
-    log_p = scale_and_mask(log_p, scale=site["scale"] if scaled else 1.0, mask=site["mask"])
+    log_p = scale_and_mask(log_p, mask=site["mask"])  # scale deliberately left out
     while log_p.dim() < num_dims:
         log_p = log_p.unsqueeze(0)
     if log_p.dim() > 2:  # nested plates sit between particles (left) and the batch (right)

@@ -143,12 +143,14 @@ def particle_traces(model: Callable, guide: Callable, x: torch.Tensor, *args, nu
 
 
 def latent_sums(model_trace: poutine.Trace, guide_trace: poutine.Trace, nesting: int, zero: torch.Tensor,
-                scaled: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                weight: Callable[[str], float] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(log_lik, log_prior, log_q)`` of :func:`particle_traces`' traces, each ``(K, B)``.
 
+    Sites' own scales are left out (the evaluators report true log-densities).
+
     :param zero: a ``(K, B)`` zero tensor on the data's device.
-    :param scaled: apply each site's scale (a training objective's site scales and KL weight;
-        the evaluators leave them out).
+    :param weight: ``site name -> factor`` on each latent site's log p(z) and log q(z) (a training
+        objective's beta and KL warm-up weight); None: 1.
     """
     log_lik, log_prior, log_q = zero, zero, zero
     for name, site in model_trace.nodes.items():
@@ -159,14 +161,15 @@ def latent_sums(model_trace: poutine.Trace, guide_trace: poutine.Trace, nesting:
             # log p(z) - log q(z) cancels, so neither term enters the weight (check_pair has
             # refused latents marked for enumeration, which are not drawn)
             continue
-        lp = site_log_prob(site, nesting + 1, scaled)
+        lp = site_log_prob(site, nesting + 1)
         if site["is_observed"]:
             log_lik = log_lik + lp
         else:
-            log_prior = log_prior + lp
-    for site in guide_trace.nodes.values():
+            log_prior = log_prior + (lp if weight is None else weight(name) * lp)
+    for name, site in guide_trace.nodes.items():
         if site["type"] == "sample" and not site["is_observed"]:
-            log_q = log_q + site_log_prob(site, nesting + 1, scaled)
+            lq = site_log_prob(site, nesting + 1)
+            log_q = log_q + (lq if weight is None else weight(name) * lq)
     return log_lik, log_prior, log_q
 
 

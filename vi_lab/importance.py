@@ -23,10 +23,16 @@ hooks multiply the gradient reaching each draw from ``log p(x, z)`` by ``w~_k``;
 scored twice, at the draws (gradient through z and phi) and at detached draws with phi live
 (gradient through phi only), and their difference keeps exactly the path through z.
 
-Site scales apply (Pyro's semantics, read from ``msg["scale"]``): a beta-VAE's ``beta`` and
-fit's KL warm-up weight multiply ``log p(z) - log q(z)`` inside each log weight. With a weight
-``beta != 1`` DReG's guide coefficient becomes ``(1 - beta) w~ + beta w~^2`` (the same
+Latent weights: a beta-VAE's ``site_scales`` and fit's KL warm-up weight multiply each latent
+site's ``log p(z)`` and ``log q(z)`` inside the log weights (:meth:`ImportanceWeighted.weigh`,
+called by :class:`vi_lab.step.TrainStep`). Other ``poutine.scale`` factors of a pair are left
+out: a subsampling scale N/B, for one, does not belong inside a per-datapoint log-sum-exp. With
+a weight ``beta != 1`` DReG's guide coefficient becomes ``(1 - beta) w~ + beta w~^2`` (the same
 derivation), so warm-up and DReG combine; all latent sites must then share one weight.
+
+DReG's cost over IWAE: one more pass of the guide, to score ``log q`` at the detached draws (for
+IAF that is its autoregressive inverse); its guide must be able to score a z it did not draw, so
+planar and radial flows, which have no inverse, are refused.
 
 Pyro's ``RenyiELBO`` is not used: it forms the weights of the whole minibatch jointly, which
 is wrong for per-datapoint latents (DESIGN.md).
@@ -61,23 +67,40 @@ class ImportanceWeighted:
         fit(model, guide, x, loss=loss)  # or fit(model, guide, x, objective="dreg", num_particles=5)
     """
 
-    #: fit must not scale sites by 1 / batch size: a per-datapoint log-sum-exp cannot take it inside
-    per_datapoint = False
-
     def __init__(self, num_particles: int, dreg: bool = False) -> None:
         if not isinstance(num_particles, int) or num_particles < 1:
             raise ValueError(f"num_particles must be a positive integer (K draws per datapoint), got {num_particles!r}")
         self.num_particles, self.dreg = num_particles, dreg
-        self.nesting: int | None = None  # the pair's plate nesting, found on the first call
+        self.nesting: int | None = None  # the pair's plate nesting, found on its first call
+        self._pair: tuple[int, int] | None = None  # the pair that nesting belongs to
+        self.site_scales: dict[str, float] = {}
+        self.latent_weight: Any = None  # an object with .value (vi_lab.objectives.LatentWeight), or None
         self.terms: dict[str, float] = {}
+
+    def weigh(self, site_scales: dict[str, float] | None, latent_weight: Any = None) -> None:
+        """Weigh latent sites by ``site_scales[name]`` (beta) times ``latent_weight.value`` (KL warm-up)."""
+        self.site_scales, self.latent_weight = dict(site_scales or {}), latent_weight
+
+    def _weight(self, name: str) -> float:
+        w = self.site_scales.get(name, 1.0)
+        return w if self.latent_weight is None else w * self.latent_weight.value
+
+    def _common_weight(self, guide_trace: poutine.Trace) -> float:
+        """The one weight (beta times the KL warm-up) on every latent site, as DReG's coefficient needs it."""
+        weights = {name: self._weight(name) for name, _ in _latents(guide_trace)}
+        if len(set(weights.values())) > 1:
+            raise ValueError(f"objective='dreg' needs one weight on all latent sites (beta, KL warm-up), got "
+                             f"{weights}; use objective='iwae', or the same site scale for every latent site")
+        return next(iter(weights.values()), 1.0)
 
     def __repr__(self) -> str:
         return f"{'dreg' if self.dreg else 'iwae'}(K={self.num_particles})"
 
     def __call__(self, model: Callable, guide: Callable, *args, **kwargs) -> torch.Tensor:
         x = args[0]
-        if self.nesting is None:
+        if self._pair != (id(model), id(guide)):
             self.nesting = check_pair(model, guide, *args, **kwargs).nesting
+            self._pair = (id(model), id(guide))
         K, nesting = self.num_particles, self.nesting
         factor: dict[str, torch.Tensor] = {}  # filled after the forward pass, read by the hooks in backward
         hooked = (lambda tr: _hooked_draws(tr, factor, nesting)) if self.dreg else None
@@ -85,16 +108,17 @@ class ImportanceWeighted:
                                                    replay_with=hooked, expose_params=True, **kwargs)
         _check_reparameterized(guide_trace, "dreg" if self.dreg else "iwae")
         zero = x.new_zeros(K, x.shape[0])
-        log_lik, log_prior, log_q = latent_sums(model_trace, guide_trace, nesting, zero, scaled=True)  # (K, B)
+        weight = None if not self.site_scales and self.latent_weight is None else self._weight
+        log_lik, log_prior, log_q = latent_sums(model_trace, guide_trace, nesting, zero, weight)  # (K, B)
         log_w = log_lik + log_prior - log_q
         bound = torch.logsumexp(log_w, 0) - math.log(K)  # (B,)
         self.terms = {"train_bound": bound.detach().mean().item(), "train_elbo": log_w.detach().mean().item()}
         if not self.dreg:
             return -bound.mean()
-        beta = _latent_weight(guide_trace)
+        beta = self._common_weight(guide_trace)
         w = torch.softmax(log_w.detach(), 0)  # (K, B) normalized weights
         factor["h"] = (1 - beta) + beta * w  # the hooks turn w~ into w~ h on the path through log p(x, z)
-        log_q_phi = _log_q_at_detached(guide, guide_trace, args, kwargs, K, nesting, zero)
+        log_q_phi = _log_q_at_detached(guide, guide_trace, args, kwargs, K, nesting, zero, self._weight)
         surrogate = (w * (log_lik + log_prior) + w * factor["h"] * (log_q_phi - log_q)).sum(0)  # (B,)
         # the value of the bound, DReG's gradient
         return -(bound.detach() + surrogate - surrogate.detach()).mean()
@@ -114,15 +138,6 @@ def _check_reparameterized(guide_trace: poutine.Trace, objective: str) -> None:
                 f"estimator (estimator='reinforce_baseline'), or with a reparameterizable guide")
 
 
-def _latent_weight(guide_trace: poutine.Trace) -> float:
-    """The one weight (beta times the KL warm-up) on every latent site, as DReG's coefficient needs it."""
-    scales = {name: site["scale"] for name, site in _latents(guide_trace)}
-    values = {name: float(s) if not torch.is_tensor(s) or s.numel() == 1 else None for name, s in scales.items()}
-    if any(v is None for v in values.values()) or len(set(values.values())) > 1:
-        raise ValueError(f"objective='dreg' needs one weight on all latent sites (beta, KL warm-up), got "
-                         f"{ {k: (v if v is not None else 'a tensor') for k, v in values.items()} }; use "
-                         f"objective='iwae', or the same site scale for every latent site")
-    return next(iter(values.values()), 1.0)
 
 
 def _per_draw(t: torch.Tensor, site: dict, nesting: int, name: str) -> torch.Tensor:
@@ -153,7 +168,7 @@ def _hooked_draws(guide_trace: poutine.Trace, factor: dict[str, torch.Tensor], n
 
 
 def _log_q_at_detached(guide: Callable, guide_trace: poutine.Trace, args: tuple, kwargs: dict[str, Any], K: int,
-                       nesting: int, zero: torch.Tensor) -> torch.Tensor:
+                       nesting: int, zero: torch.Tensor, weight: Callable[[str], float]) -> torch.Tensor:
     """``log q(stop(z) | x)`` with the guide's parameters live: the score-function part of ``log q``, ``(K, B)``."""
     detached = guide_trace.copy()
     for name, site in _latents(guide_trace):
@@ -161,8 +176,15 @@ def _log_q_at_detached(guide: Callable, guide_trace: poutine.Trace, args: tuple,
     with poutine.block(expose_types=["param"]), pyro.plate("_vi_lab_particles", K, dim=-(nesting + 1)):
         again = poutine.trace(poutine.replay(guide, trace=detached)).get_trace(*args, **kwargs)
     log_q = zero
-    for _, site in _latents(again):
-        log_q = log_q + site_log_prob(site, nesting + 1, scaled=True)
+    for name, site in _latents(again):
+        try:
+            log_q = log_q + weight(name) * site_log_prob(site, nesting + 1)
+        except (NotImplementedError, KeyError):  # a flow without inverse: Pyro's cache misses the detached z
+            raise ValueError(
+                f"objective='dreg' scores log q(z | x) at the guide's draws with their gradient stopped, and the "
+                f"guide's site {name!r} ({type(site['fn']).__name__}) cannot score a z it did not draw itself "
+                f"(a planar or radial flow has no inverse); use objective='iwae', or a guide with an inverse "
+                f"(mean_field, full_cov, low_rank, iaf, mixture)") from None
     return log_q
 
 

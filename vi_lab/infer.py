@@ -579,7 +579,8 @@ def fit(
                                optimizer=optimizer, num_particles=num_particles, x_dim=x[0].numel(),
                                device=d.device, seed=seed, objective=objective)
     est, optim = train_step.estimator, train_step.optim
-    own_loss = isinstance(est, _OwnLoss) and objective == "elbo"  # a loss with its own gradients, no KL weight
+    # a loss with its own gradients and no KL term (wake-sleep); the bounds of objective= have one
+    own_loss = isinstance(est, _OwnLoss) and objective == "elbo"
     averager = distributed.GradientAverager() if world.parallel else None
     train_step.reduce = averager
     if own_loss and getattr(model, "site_scales", None):

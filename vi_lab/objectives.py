@@ -116,8 +116,8 @@ class LatentWeight(Messenger):
     """Multiply the scale of every latent sample site by ``value``: KL warm-up's weight.
 
     In the model the latent sites carry log p(z), in the guide log q(z | x), so a weight w
-    turns the ELBO into ``E_q[log p(x | z)] - w KL(q || p)`` (Pyro's ELBOs and the
-    importance-weighted objectives of :mod:`vi_lab.importance` read ``msg["scale"]``).
+    turns the ELBO into ``E_q[log p(x | z)] - w KL(q || p)`` (Pyro's ELBOs read ``msg["scale"]``;
+    the importance-weighted objectives of :mod:`vi_lab.importance` read ``value`` itself).
     ``value`` is changed between steps by :func:`vi_lab.fit` (``kl_warmup``).
     """
 
@@ -131,7 +131,7 @@ class LatentWeight(Messenger):
 
 
 def training_objective(fn: Callable, site_scales: dict[str, float] | None = None,
-                       latent_weight: LatentWeight | None = None, per_datapoint: bool = True) -> Callable:
+                       latent_weight: LatentWeight | None = None) -> Callable:
     """Wrap a model or guide so its loss is per datapoint and declared site scales apply.
 
     Scaling every site by ``1 / batch_size`` makes Pyro's loss the mean -ELBO of the
@@ -139,17 +139,12 @@ def training_objective(fn: Callable, site_scales: dict[str, float] | None = None
     batch size; ``site_scales`` (from ``model.site_scales``) go to model and guide alike
     so that a scaled latent site scales the whole KL term; so does ``latent_weight`` (KL
     warm-up), on every latent site, when its value is not 1.
-
-    :param per_datapoint: ``False`` for a loss that averages over the batch itself (the
-        importance-weighted bounds: a log-sum-exp per datapoint cannot take ``1 / batch_size``
-        inside it).
     """
     scales = dict(site_scales or {})
 
     def wrapped(x, *args, **kwargs):
         with contextlib.ExitStack() as stack:
-            if per_datapoint:
-                stack.enter_context(poutine.scale(scale=1.0 / x.shape[0]))
+            stack.enter_context(poutine.scale(scale=1.0 / x.shape[0]))
             if scales:  # one handler fewer for every site of every step
                 stack.enter_context(_SiteScale(scales))
             if latent_weight is not None and latent_weight.value != 1.0:

@@ -109,10 +109,15 @@ def encode(guide: nn.Module, x: torch.Tensor, *, num_samples: int = MEAN_SAMPLES
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        return torch.cat([posterior_mean(guide.get_posterior(x[i:i + batch_size]), num_samples=num_samples)
-                          for i in range(0, len(x), batch_size)])
+    was_training = guide.training
+    guide.eval()  # dropout or batch norm in an encoder would make the codes random or batch-dependent
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return torch.cat([posterior_mean(guide.get_posterior(x[i:i + batch_size]), num_samples=num_samples)
+                              for i in range(0, len(x), batch_size)])
+    finally:
+        guide.train(was_training)
 
 
 @dataclass(frozen=True)

@@ -55,9 +55,10 @@ class TrainStep:
                  site_scales: dict[str, float] | None = None, validate_first: bool = True) -> None:
         #: the weight of every latent site (KL warm-up): :func:`vi_lab.fit` sets ``latent_weight.value``
         self.latent_weight = LatentWeight()
-        per_datapoint = getattr(loss, "per_datapoint", True)  # False: the loss averages over the batch itself
-        self.model = training_objective(model, site_scales, self.latent_weight, per_datapoint)
-        self.guide = training_objective(guide, site_scales, self.latent_weight, per_datapoint)
+        self.model = training_objective(model, site_scales, self.latent_weight)
+        self.guide = training_objective(guide, site_scales, self.latent_weight)
+        if hasattr(loss, "weigh"):  # a loss that weighs latent sites itself (vi_lab.importance)
+            loss.weigh(site_scales, self.latent_weight)
         self.loss, self.optim = loss, optim
         self.validate_next = validate_first
         self.estimator: Any = None  # what vi_lab.infer.training_step made concrete for the guide

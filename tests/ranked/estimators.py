@@ -13,18 +13,19 @@ import vi_lab
 from vi_lab import checkpoint, distributed
 
 out = Path(sys.argv[1])
-COMBOS = [  # (loss, estimator, baseline, num_particles)
-    ("trace", "reparam", None, 1), ("meanfield", "reparam", None, 2), ("tracegraph", "reparam", None, 1),
-    ("trace", "reinforce", None, 1), ("trace", "reinforce_baseline", "decaying_avg", 1),
-    ("trace", "reinforce_baseline", "nn", 1), ("trace", "relaxed", None, 1),
-    ("wake_sleep", "reparam", None, 1), ("rws", "reparam", None, 2),
+COMBOS = [  # (loss, estimator, baseline, num_particles, objective)
+    ("trace", "reparam", None, 1, "elbo"), ("meanfield", "reparam", None, 2, "elbo"),
+    ("tracegraph", "reparam", None, 1, "elbo"), ("trace", "reinforce", None, 1, "elbo"),
+    ("trace", "reinforce_baseline", "decaying_avg", 1, "elbo"), ("trace", "reinforce_baseline", "nn", 1, "elbo"),
+    ("trace", "relaxed", None, 1, "elbo"), ("wake_sleep", "reparam", None, 1, "elbo"),
+    ("rws", "reparam", None, 2, "elbo"), ("trace", "reparam", None, 3, "iwae"), ("trace", "reparam", None, 3, "dreg"),
 ]
 torch.manual_seed(0)
 x = (torch.rand(192, 16) < 0.3).float()
 rank = distributed.setup().rank  # a script that needs its rank before fit joins first
 saved = {}
-for loss, est, baseline, particles in COMBOS:
-    name = f"{loss}-{est}-{baseline}"
+for loss, est, baseline, particles, objective in COMBOS:
+    name = f"{loss}-{est}-{baseline}" if objective == "elbo" else objective
     pyro.set_rng_seed(3)
     model = vi_lab.VAE(4, [8], x_dim=16)
     guide = vi_lab.make_guide("mean_field", latent_dim=4, hidden=[8], x_dim=16)
@@ -34,7 +35,8 @@ for loss, est, baseline, particles in COMBOS:
         model, guide = CategoricalVAE(3, (8,), x_dim=16), CategoricalGuide.make(3, hidden=(8,), x_dim=16)
     # an odd batch: shares of 32 and 31 rows
     r = vi_lab.fit(model, guide, x, loss=loss, estimator=est, baseline=baseline, num_particles=particles, epochs=1,
-                   batch_size=63, lr=1e-2, progress=False, checkpoint_dir=out / name)
+                   batch_size=63, lr=1e-2, progress=False, checkpoint_dir=out / name, objective=objective,
+                   kl_warmup=0.5 if objective == "dreg" else 0)
     distributed.barrier()  # rank 0's checkpoint is written
     state = checkpoint.load(out / name / "last.pt")
     saved[name] = {"params": {k: v.detach().clone() for k, v in pyro.get_param_store().items()},

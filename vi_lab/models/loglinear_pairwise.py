@@ -307,6 +307,9 @@ class PairwiseMixture(LatentClassModel):
                 edges.min() < 0 or edges.max() >= x_dim or (edges[:, 0] == edges[:, 1]).any())):
             raise ValueError(f"edges must be an (E, 2) tensor of distinct pixel pairs in [0, {x_dim}), "
                              f"got shape {tuple(edges.shape)}")
+        if len(torch.unique(edges.sort(1).values, dim=0)) != len(edges):  # (i, j) twice, or (i, j) and (j, i)
+            raise ValueError("edges must not repeat a pair (in either order): a repeated pair is two identical "
+                             "features whose weights cannot be told apart")
         if not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
         device = self.prior_logits.device
