@@ -7,28 +7,20 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from torch import nn
 
 import vi_lab
 from vi_lab import ais, evaluate
 from vi_lab.models.ppca import PPCA, PPCAPosteriorGuide
 
+from test_evaluate import ShiftedPosterior
+
 # few leapfrog steps: PPCA's posterior is Gaussian and HMC mixes fast; the tests stay cheap
 FAST = dict(leapfrog_steps=3, step_size=0.1)
 
 
-class PoorGuide(nn.Module):
+def PoorGuide(ppca: PPCA) -> ShiftedPosterior:
     """The exact posterior shifted by about two posterior sds and shrunk: IS from it is off by nats."""
-
-    def __init__(self, ppca: PPCA, shift: float = 0.4, shrink: float = 0.5) -> None:
-        super().__init__()
-        self.ppca, self.shift, self.shrink = ppca, shift, shrink
-
-    def forward(self, x):
-        post = self.ppca.posterior(x)
-        with pyro.plate("data", x.shape[0]):
-            q = dist.MultivariateNormal(post.mean + self.shift, covariance_matrix=post.covariance_matrix * self.shrink)
-            return pyro.sample("z", q)
+    return ShiftedPosterior(ppca, shift=0.4, inflate=0.5)
 
 
 @pytest.fixture

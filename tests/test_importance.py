@@ -20,6 +20,8 @@ from vi_lab.objectives import SyncFreeTrace_ELBO
 from vi_lab.optim import Adam
 from vi_lab.step import TrainStep
 
+from test_evaluate import ShiftedPosterior
+
 
 class GaussianToy(nn.Module):
     """z ~ N(mu_b, I), x | z ~ N(z, I): p(x) = N(mu, 2I), p(z | x) = N((mu + x) / 2, I / 2).
@@ -101,24 +103,11 @@ def test_dreg_has_the_iwae_gradients_mean_and_less_variance_for_the_guide(device
                 assert ((est[name].mean(0) - value).abs() < 4.5 * se + 1e-4).all(), (name, est[name].mean(0), value)
 
 
-class ShiftedPosterior(nn.Module):
-    """The exact PPCA posterior's mean moved and its spread widened: a guide whose bounds are loose."""
-
-    def __init__(self, model: PPCA) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        post = self.model.posterior(x)
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Normal(post.mean + 0.4, post.variance.sqrt() * 1.6).to_event(1))
-
-
 def test_iwae_bound_rises_with_k_toward_the_exact_log_likelihood_on_ppca(device):
     torch.manual_seed(2)
     model = PPCA(torch.randn(6, 3), mu=torch.randn(6), sigma=0.6).to(device)
     x = model.sample(40)
-    guide = ShiftedPosterior(model)
+    guide = ShiftedPosterior(model, shift=0.4, inflate=2.5)  # a guide whose bounds are loose
     exact = model.log_marginal(x).mean().item()
     with torch.no_grad():
         reps = {k: -torch.stack([ImportanceWeighted(k)(model, guide, x) for _ in range(30)]) for k in (1, 5, 50, 1000)}
