@@ -142,14 +142,11 @@ class _Target:
         self.model, self.guide, self.x, self.args, self.kwargs = model, guide, x, args, kwargs
         self.nesting, self.latents, self.start = nesting, latents, start
 
-    def _plate(self, chains: int):
-        return pyro.plate("_vi_lab_particles", chains, dim=-(self.nesting + 1))
-
     @torch.no_grad()
     def draw(self, chains: int) -> dict[str, torch.Tensor]:
         """``chains`` draws per datapoint from the start density, unconstrained: ``{site: (chains, ..., b, ...)}``."""
         source = self.guide if self.start == "guide" else self.model
-        with poutine.block(), self._plate(chains):
+        with evaluate.particle_plate(chains, self.nesting):
             trace = poutine.trace(source).get_trace(self.x, *self.args, **self.kwargs)
         values = {}
         for lat in self.latents:
@@ -168,7 +165,7 @@ class _Target:
             z[lat.name] = lat.transform(u[lat.name])
             ladj = lat.transform.log_abs_det_jacobian(u[lat.name], z[lat.name])
             log_jac = log_jac + _to_pairs(ladj, lat.event_dim - lat.transform.domain.event_dim)
-        with poutine.block(), self._plate(chains):
+        with evaluate.particle_plate(chains, self.nesting):
             model_trace = poutine.trace(poutine.condition(self.model, data=z)).get_trace(
                 self.x, *self.args, **self.kwargs)
             guide_trace = None

@@ -32,7 +32,7 @@ import math
 import os
 import pickle
 import re
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import pyro
 import pyro.poutine as poutine
@@ -128,18 +128,28 @@ def particle_traces(model: Callable, guide: Callable, x: torch.Tensor, *args, nu
 
     :param replay_with: ``guide_trace -> trace`` the model is replayed against instead of the
         guide's own (the DReG objective hands the model hooked copies of the draws).
-    :param expose_params: let the parameter sites through to outer handlers (a training step
-        finds the parameters it updates by tracing them).
+    :param expose_params: see :func:`particle_plate`.
     """
-    # block outermost: the particle plate must see (and broadcast) every site inside it
-    blocked = poutine.block(expose_types=["param"]) if expose_params else poutine.block()
-    with blocked, pyro.plate("_vi_lab_particles", num_samples, dim=-(nesting + 1)):
+    with particle_plate(num_samples, nesting, expose_params):
         guide_trace = poutine.trace(guide).get_trace(x, *args, **kwargs)
         replayed = guide_trace if replay_with is None else replay_with(guide_trace)
         model_trace = poutine.trace(poutine.replay(model, trace=replayed)).get_trace(x, *args, **kwargs)
     # a plate's subsample site is bookkeeping, not a latent: Pyro's ELBOs prune it too (its
     # zero log-density is a CPU tensor, which would pull the weights off a GPU)
     return prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
+
+
+@contextlib.contextmanager
+def particle_plate(num_samples: int, nesting: int, expose_params: bool = False) -> Iterator[None]:
+    """K draws per datapoint: a particle plate left of the pair's ``nesting`` plates, its sites hidden from outer handlers.
+
+    :param expose_params: let the parameter sites through (a training step finds the parameters
+        it updates by tracing them).
+    """
+    # block outermost: the particle plate must see (and broadcast) every site inside it
+    with (poutine.block(expose_types=["param"]) if expose_params else poutine.block()), \
+            pyro.plate("_vi_lab_particles", num_samples, dim=-(nesting + 1)):
+        yield
 
 
 def latent_sums(model_trace: poutine.Trace, guide_trace: poutine.Trace, nesting: int, zero: torch.Tensor,

@@ -43,12 +43,11 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-import pyro
 import pyro.poutine as poutine
 import torch
 
 from vi_lab.contract import check_pair, site_log_prob
-from vi_lab.evaluate import latent_sums, particle_traces
+from vi_lab.evaluate import latent_sums, particle_plate, particle_traces
 
 
 class ImportanceWeighted:
@@ -138,8 +137,6 @@ def _check_reparameterized(guide_trace: poutine.Trace, objective: str) -> None:
                 f"estimator (estimator='reinforce_baseline'), or with a reparameterizable guide")
 
 
-
-
 def _per_draw(t: torch.Tensor, site: dict, nesting: int, name: str) -> torch.Tensor:
     """A ``(K, B)`` tensor shaped to broadcast against the site's value ``(K, ..., B) + event``."""
     value, event_dim = site["value"], site["fn"].event_dim
@@ -173,7 +170,7 @@ def _log_q_at_detached(guide: Callable, guide_trace: poutine.Trace, args: tuple,
     detached = guide_trace.copy()
     for name, site in _latents(guide_trace):
         detached.nodes[name] = {**site, "value": site["value"].detach()}
-    with poutine.block(expose_types=["param"]), pyro.plate("_vi_lab_particles", K, dim=-(nesting + 1)):
+    with particle_plate(K, nesting, expose_params=True):
         again = poutine.trace(poutine.replay(guide, trace=detached)).get_trace(*args, **kwargs)
     log_q = zero
     for name, site in _latents(again):

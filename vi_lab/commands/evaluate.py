@@ -190,10 +190,10 @@ def main(cfg: Config) -> dict:
         result["ais"] = {"num_chains": cfg.ais_chains, "num_steps": cfg.ais_steps,
                          "leapfrog_steps": cfg.ais_leapfrog, "start": "guide"}
         result["ais_seconds"] = ais_seconds
-    rows = []
-    if annealed is not None:
-        rows.append((f"AIS log p(x), {cfg.ais_chains} chains x {cfg.ais_steps} steps",
-                     f"{result['ais_log_likelihood']['mean']:.2f} +/- {result['ais_log_likelihood']['sem']:.2f}"))
+        rows = [(f"AIS log p(x), {cfg.ais_chains} chains x {cfg.ais_steps} steps",
+                 f"{result['ais_log_likelihood']['mean']:.2f} +/- {result['ais_log_likelihood']['sem']:.2f}")]
+    else:
+        rows = []
     distributed.main_decides(lambda: runs.write_json(out, result), "writing the result")
     print(runs.format_table([
         (f"{cfg.run}: {run_cfg.guide} guide, D={run_cfg.latent_dim}", "nats per datapoint"),
