@@ -80,6 +80,18 @@ class LatentClassModel(nn.Module):
             self.register_buffer("prior_logits", logits)
         self.num_classes, self.learn_prior, self.name = num_classes, learn_prior, name
 
+    def _weight_parameter(self, weights: torch.Tensor | None, shape: tuple[int, ...], meaning: str) -> nn.Parameter:
+        """The log-linear weights as a parameter with the prior's dtype and device: zeros when None.
+
+        :param meaning: how the error names the expected shape, e.g. ``"(num_classes, x_dim) = (10, 784)"``.
+        """
+        like = self.prior_logits
+        weights = like.new_zeros(shape) if weights is None else torch.as_tensor(weights, dtype=like.dtype,
+                                                                                 device=like.device)
+        if weights.shape != shape:
+            raise ValueError(f"weights must have shape {meaning}, got {tuple(weights.shape)}")
+        return nn.Parameter(weights.clone())
+
     # ---------------------------------------------------------------- subclass API
     def check_x(self, x: torch.Tensor) -> None:
         """Raise a ValueError saying what is wrong when ``x`` is not in the observation space."""
@@ -201,12 +213,7 @@ class LogLinearLatentClass(LatentClassModel):
         super().__init__(num_classes, prior=prior, learn_prior=learn_prior, dtype=features.dtype, name=name,
                          device=features.device)
         self.register_buffer("features", features)
-        if weights is None:
-            weights = features.new_zeros(d)
-        weights = torch.as_tensor(weights, dtype=features.dtype, device=features.device)
-        if weights.shape != (d,):
-            raise ValueError(f"weights must have shape ({d},) to match the {d} features, got {tuple(weights.shape)}")
-        self.w = nn.Parameter(weights.clone())
+        self.w = self._weight_parameter(weights, (d,), f"({d},) to match the {d} features")
         self.num_obs, self.num_features = num_obs, d
 
     @classmethod
@@ -339,14 +346,8 @@ class BernoulliMixture(LatentClassModel):
         super().__init__(num_classes, prior=prior, learn_prior=learn_prior, dtype=dtype, name=name, device=device)
         if not isinstance(x_dim, int) or x_dim < 1:
             raise ValueError(f"x_dim must be a positive integer, got {x_dim!r}")
-        device = self.prior_logits.device
-        if weights is None:
-            weights = torch.zeros(num_classes, x_dim, dtype=dtype, device=device)
-        weights = torch.as_tensor(weights, dtype=dtype, device=device)
-        if weights.shape != (num_classes, x_dim):
-            raise ValueError(f"weights must have shape (num_classes, x_dim) = ({num_classes}, {x_dim}), "
-                             f"got {tuple(weights.shape)}")
-        self.W = nn.Parameter(weights.clone())
+        self.W = self._weight_parameter(weights, (num_classes, x_dim),
+                                        f"(num_classes, x_dim) = ({num_classes}, {x_dim})")
         self.x_dim = x_dim
 
     def check_x(self, x: torch.Tensor) -> None:

@@ -314,13 +314,8 @@ class PairwiseMixture(LatentClassModel):
             raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
         device = self.prior_logits.device
         num_features = x_dim + len(edges)
-        if weights is None:
-            weights = torch.zeros(num_classes, num_features, dtype=dtype, device=device)
-        weights = torch.as_tensor(weights, dtype=dtype, device=device)
-        if weights.shape != (num_classes, num_features):
-            raise ValueError(f"weights must have shape (num_classes, x_dim + num_edges) = ({num_classes}, "
-                             f"{num_features}), got {tuple(weights.shape)}")
-        self.W = nn.Parameter(weights.clone())
+        self.W = self._weight_parameter(weights, (num_classes, num_features),
+                                        f"(num_classes, x_dim + num_edges) = ({num_classes}, {num_features})")
         self.register_buffer("edges", edges.to(device))
         self.x_dim, self.num_features, self.chunk = x_dim, num_features, chunk
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (the W it was computed at, log Z)
